@@ -1,0 +1,34 @@
+# Thin wrapper: every target first makes sure .venv exists and holds wren and its dependencies.
+#   make train   train configs/tiny.toml (the default model on the embedded default data)
+#   make test    run the test suite
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.wren-installed
+CONFIG ?= configs/tiny.toml
+
+.PHONY: venv train test bench clean
+
+venv: $(STAMP)
+
+# torch first: a CUDA build where a GPU driver is present, otherwise the CPU build pinned here
+# (an unpinned torch on a CPU machine would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || { \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install "torch>=2.6,<2.15"; \
+	  else $(PY) -m pip install "torch==2.13.0"; fi; }
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/wren train $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf runs .wren_cache

@@ -1,0 +1,89 @@
+"""Small training jobs shared by the trainer tests: a real corpus, a tiny model, quick steps."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+# A few real standard-library modules: real text, present wherever Python is.
+CORPUS_MODULES = ("json", "email", "urllib", "http", "logging", "concurrent")
+
+
+def make_corpus(directory: Path) -> Path:
+    """Copy a handful of standard-library packages into `directory` as a text corpus."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in CORPUS_MODULES:
+        for src in sorted((stdlib / name).rglob("*.py")):
+            dst = directory / name / src.relative_to(stdlib / name)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    return directory
+
+
+def tiny_overrides(corpus: Path, cache: Path, run_root: Path, name: str, **extra: object) -> list[str]:
+    """Overrides for a few-second job: a 2-layer Llama on 32-token windows of `corpus`."""
+    values: dict[str, object] = {
+        "run.name": name,
+        "run.output_dir": str(run_root),
+        "data.source": "text",
+        "data.paths": [str(corpus)],
+        "data.vocab_size": 512,
+        "data.cache_dir": str(cache),
+        "model.dim": 64,
+        "model.n_layers": 2,
+        "model.n_heads": 4,
+        "model.n_kv_heads": 2,
+        "model.ffn_hidden_dim": 128,
+        "training.steps": 10,
+        "training.seq_len": 32,
+        "training.global_batch_size": 8,
+        "schedule.warmup_steps": 2,
+        "eval.every_steps": 0,
+        "eval.batches": 2,
+        "eval.batch_size": 4,
+        "checkpoint.every_steps": 0,
+        "metrics.log_every_steps": 5,
+        "metrics.tensorboard": False,
+        "metrics.plot": False,
+        "metrics.peak_flops_per_s": 1e11,
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"--{k}={_toml(v)}" for k, v in values.items()]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def train_job(overrides: list[str]) -> dict:
+    """Run one training job in this process (a rank, under the harness); report what it held."""
+    from trainer.config import JobConfig
+    from trainer.distributed import init_distributed, world_size_from_env
+    from trainer.train import Trainer
+
+    cfg = JobConfig.load(None, overrides, world_size=world_size_from_env())
+    env = init_distributed(cfg.parallel)
+    trainer = Trainer(cfg, env)
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in trainer.model.parameters())
+    result = trainer.fit()
+    return {
+        "local_params": local,
+        "total_params": trainer.num_params,
+        "final_eval_loss": result.final_eval_loss,
+        "tokens_consumed": trainer.loader.tokens_consumed,
+        "run_dir": str(result.run_dir),
+    }
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> train loss from a run's metrics.jsonl."""
+    from trainer.metrics import read_metrics
+
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}

@@ -1,0 +1,121 @@
+"""The `wren` command: one entry point, subcommands looked up in a registry.
+
+User errors (config, data, checkpoint, arguments) print one line naming the problem and exit
+non-zero without a traceback; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from trainer.errors import UserError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, list[str]], int]]] = {}
+
+
+def command(name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register `fn(args, extra_args) -> exit code` as subcommand `name`."""
+
+    def wrap(fn):
+        COMMANDS[name] = (help_text, add_arguments, fn)
+        return fn
+
+    return wrap
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="TOML recipe (default: built-in defaults = configs/tiny.toml)")
+
+
+@command("train", "train a model from a TOML recipe; --section.key=value overrides follow", _train_args)
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from trainer.config import JobConfig
+    from trainer.distributed import init_distributed, shutdown_distributed, world_size_from_env
+    from trainer.train import Trainer
+
+    cfg = JobConfig.load(args.config, overrides, world_size=world_size_from_env())
+    env = init_distributed(cfg.parallel)
+    try:
+        if env.is_main:
+            print(f"wren: resolved config (saved to {cfg.run.run_dir / 'config.toml'}):\n{cfg.to_toml()}", flush=True)
+        Trainer(cfg, env).fit()
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="TOML recipe whose [data] section to prepare")
+
+
+@command("prepare-data", "train the tokenizer and write packed token shards (cached)", _prepare_args)
+def _prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from data import prepare_data
+    from trainer.config import JobConfig
+
+    cfg = JobConfig.load(args.config, overrides)
+    prepared = prepare_data(cfg.data)
+    print(f"wren: data ready in {prepared.directory} (vocab {prepared.vocab_size})")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory (holds config.toml and checkpoints/)")
+    p.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+
+@command("export-hf", "write a checkpoint as Hugging Face safetensors + config.json", _export_args)
+def _export(args: argparse.Namespace, extra: list[str]) -> int:
+    from trainer.export_hf import export_hf
+
+    if extra:
+        raise UserError(f"export-hf: unexpected arguments {' '.join(extra)}")
+    print(f"wren: exported to {export_hf(args.run_dir, args.out_dir, step=args.step)}")
+    return 0
+
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+
+
+@command("plot", "draw a run's loss curves to <run_dir>/loss.png", _plot_args)
+def _plot(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from trainer.plot import plot_losses
+
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        raise UserError(f"plot: '{args.run_dir}' has no metrics.jsonl")
+    print(f"wren: loss curve: {plot_losses(Path(args.run_dir))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per registered command."""
+    parser = argparse.ArgumentParser(prog="wren", description="wren: memory-efficient LLM training")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `wren COMMAND ...`; returns the process exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _, _, fn = COMMANDS[args.command]
+    try:
+        return fn(args, extra)
+    except UserError as err:
+        print(f"wren: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("wren: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The training loop: data, model, optimizer and checkpoints wired from one `JobConfig`.
+
+Order of construction follows DESIGN.md: data (tokenizer and shards, cached), model (registry,
+seeded init, then the model's `parallelize`: activation checkpointing, then FSDP2), optimizer and
+schedule, loader from a global token cursor, then resume from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+
+from data import TokenLoader, TokenShard, eval_windows, prepare_data
+from models import get_model_spec
+from optim.builder import build_optimizer
+from trainer.checkpoint import Checkpointer, CheckpointError
+from trainer.config import JobConfig
+from trainer.distributed import DistEnv
+from trainer.errors import NonFiniteError
+from trainer.metrics import MetricsLogger, peak_memory_bytes
+from trainer.peak_flops import peak_flops_per_s
+from trainer.train_state import IntState, ModelOptimizerState, Progress, RNGState, all_finite
+
+CONFIG_FILE = "config.toml"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced (loss and grad norm are global means over ranks)."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its outputs and how it ended."""
+
+    run_dir: Path
+    checkpoint: Path
+    final_train_loss: float
+    final_eval_loss: float
+    plot: Path | None
+
+
+class Trainer:
+    """Builds every component of a run from its config and trains it to `training.steps`."""
+
+    def __init__(self, cfg: JobConfig, env: DistEnv):
+        self.cfg = cfg
+        self.env = env
+        self.run_dir = cfg.run.run_dir
+        self.log = print if env.is_main else (lambda *args, **kwargs: None)
+        self.dtype = getattr(torch, cfg.training.dtype)
+        self.local_batch_size = cfg.training.local_batch_size(env.world_size)
+
+        prepared = self._prepare_data()
+        torch.manual_seed(cfg.run.seed)
+        spec = get_model_spec(cfg.model.name)
+        self.model_config = cfg.model.build_model_config(prepared.vocab_size)
+        with torch.device(env.device):
+            model = spec.model_cls(self.model_config)
+            model.init_weights()
+        self.num_params = model.num_params()
+        self.flops_per_token = model.flops_per_token(cfg.training.seq_len)
+        if cfg.training.activation_checkpointing:
+            self.log("wren: activation checkpointing on every transformer block")
+        if env.mesh is not None:
+            self.log(f"wren: FSDP2 fully_shard over {env.world_size} ranks ({env.device.type})")
+        self.model = spec.parallelize(
+            model, env.mesh, activation_checkpointing=cfg.training.activation_checkpointing
+        )
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.loader = TokenLoader(
+            TokenShard(prepared.train_path),
+            seq_len=cfg.training.seq_len,
+            global_batch_size=cfg.training.global_batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+        self.val_shard = TokenShard(prepared.val_path)
+        self.progress = Progress()
+        self.consecutive_nonfinite = 0
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, env=env)
+        self.log(
+            f"wren: model {cfg.model.name}/{cfg.model.flavor}: {self.num_params / 1e6:.2f}M parameters, "
+            f"{self.flops_per_token / 1e6:.1f} MFLOP/token; world size {env.world_size}; dtype {cfg.training.dtype}"
+        )
+
+    def _prepare_data(self):
+        """Build (rank 0 first) or reuse the cached tokenizer and shards; copy the tokenizer to the run."""
+        if self.env.is_main:
+            prepared = prepare_data(self.cfg.data, log=self.log)
+        self.env.barrier()
+        if not self.env.is_main:
+            prepared = prepare_data(self.cfg.data, log=lambda *_: None)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(prepared.tokenizer_path, self.run_dir / TOKENIZER_FILE)
+            (self.run_dir / CONFIG_FILE).write_text(self.cfg.to_toml())
+        return prepared
+
+    def checkpoint_state(self) -> dict:
+        """The Stateful parts that make a resume exact."""
+        return {
+            "model_optim": ModelOptimizerState(self.model, self.optimizer),
+            "loader": IntState(self.loader),
+            "progress": IntState(self.progress),
+            "rng": RNGState(),
+        }
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.dtype)
+
+    def train_step(self, batch: torch.Tensor) -> StepResult:
+        """Forward and backward over the micro-batches of `batch`, then clip and step (or skip)."""
+        micro = self.cfg.training.micro_batch_size or self.local_batch_size
+        chunks = batch.to(self.env.device, non_blocking=True).split(micro)
+        loss_sum = torch.zeros((), device=self.env.device)
+        for index, chunk in enumerate(chunks):
+            if isinstance(self.model, FSDPModule):
+                self.model.set_requires_gradient_sync(index == len(chunks) - 1)
+            with self._autocast():
+                logits = self.model(chunk[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten())
+            (loss / len(chunks)).backward()
+            loss_sum += loss.detach()
+        max_norm = self.cfg.training.grad_clip_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        (loss_total,) = self.env.all_reduce_sum([loss_sum.item() / len(chunks)])
+        loss_mean = loss_total / self.env.world_size
+        grad_norm = grad_norm.item()
+        step = self.progress.step
+        lr = self.cfg.optimizer.lr * self.cfg.schedule.lr_multiplier(step, self.cfg.training.steps)
+        finite = math.isfinite(loss_mean) and math.isfinite(grad_norm)
+        if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.consecutive_nonfinite = 0
+        else:
+            self.progress.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+            self.log(f"wren: step {step + 1}: non-finite loss {loss_mean} or grad norm {grad_norm}; update skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        if self.consecutive_nonfinite >= self.cfg.training.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
+                f"(last at step {self.progress.step}); halting. Lower optimizer.lr, enable "
+                f"training.grad_clip_norm or check the data; the last checkpoint is still valid."
+            )
+        return StepResult(loss=loss_mean, grad_norm=grad_norm, lr=lr, skipped=not finite)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the first `eval.batches` batches of the held-out split."""
+        self.model.eval()
+        loss_sum, count = 0.0, 0
+        windows = eval_windows(
+            self.val_shard,
+            seq_len=self.cfg.training.seq_len,
+            batch_size=self.cfg.eval.batch_size,
+            max_batches=self.cfg.eval.batches,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
+        for batch in windows:
+            batch = batch.to(self.env.device)
+            with self._autocast():
+                logits = self.model(batch[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+            loss_sum += loss.item()
+            count += batch[:, 1:].numel()
+        self.model.train()
+        loss_sum, count = self.env.all_reduce_sum([loss_sum, count])
+        return loss_sum / max(1, count)
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step, refusing to save non-finite weights."""
+        (finite_ranks,) = self.env.all_reduce_sum([float(all_finite(self.model))])
+        if finite_ranks < self.env.world_size:
+            raise NonFiniteError(f"weights are non-finite at step {self.progress.step}; not checkpointing them")
+        path = self.checkpointer.save(self.progress.step, self.checkpoint_state())
+        self.log(f"wren: checkpoint saved: {path}")
+        return path
+
+    def resume(self) -> None:
+        """Continue from the latest checkpoint when there is one and resuming is on."""
+        latest = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
+        if latest is None:
+            return
+        try:
+            self.checkpointer.load(latest, self.checkpoint_state())
+        except ValueError as err:
+            raise CheckpointError(f"cannot resume from '{latest}': {err}") from None
+        self.log(f"wren: resumed from {latest} at step {self.progress.step}")
+
+    def fit(self) -> TrainResult:
+        """Train to `training.steps`, logging, evaluating and checkpointing on the way."""
+        cfg = self.cfg
+        self.resume()
+        total = cfg.training.steps
+        metrics = MetricsLogger(
+            self.run_dir, cfg.metrics, total_steps=total, enabled=self.env.is_main, resume_step=self.progress.step
+        )
+        peak = cfg.metrics.peak_flops_per_s or peak_flops_per_s(self.dtype, self.env.device)
+        tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
+        last_checkpoint = self.checkpointer.latest()
+        result = StepResult(loss=math.nan, grad_norm=math.nan, lr=0.0, skipped=False)
+        interval_start, interval_steps = time.perf_counter(), 0
+        self.model.train()
+        try:
+            while self.progress.step < total:
+                result = self.train_step(self.loader.next_batch())
+                step, interval_steps = self.progress.step, interval_steps + 1
+                record = {
+                    "train/loss": result.loss,
+                    "train/lr": result.lr,
+                    "train/grad_norm": result.grad_norm,
+                    "train/skipped": int(result.skipped),
+                    "data/tokens_consumed": self.loader.tokens_consumed,
+                }
+                if step % cfg.metrics.log_every_steps == 0 or step == total:
+                    elapsed = time.perf_counter() - interval_start
+                    tokens_per_s = interval_steps * tokens_per_step / elapsed
+                    record["perf/tokens_per_s"] = tokens_per_s
+                    record["perf/mfu"] = self.flops_per_token * tokens_per_s / (peak * self.env.world_size)
+                    record["perf/peak_memory_gib"] = peak_memory_bytes(self.env.device) / 2**30
+                    metrics.console(step, record)
+                    interval_start, interval_steps = time.perf_counter(), 0
+                metrics.log(step, record)
+                pause = time.perf_counter()
+                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
+                    metrics.log(step, {"eval/loss": self.evaluate()})
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
+                    last_checkpoint = self.save_checkpoint()
+                interval_start += time.perf_counter() - pause
+            eval_loss = self.evaluate()
+            metrics.log(total, {"eval/loss": eval_loss})
+            if last_checkpoint is None or last_checkpoint.name != f"step_{total:08d}":
+                last_checkpoint = self.save_checkpoint()
+        finally:
+            metrics.close()
+        return self._finish(last_checkpoint, result.loss, eval_loss)
+
+    def _finish(self, checkpoint: Path, train_loss: float, eval_loss: float) -> TrainResult:
+        plot = None
+        if self.env.is_main:
+            if self.cfg.metrics.plot and self.cfg.metrics.jsonl:
+                from trainer.plot import plot_losses
+
+                plot = plot_losses(self.run_dir)
+            if self.cfg.checkpoint.export_hf:
+                from trainer.export_hf import export_hf
+
+                self.log(f"wren: Hugging Face export: {export_hf(self.run_dir, self.run_dir / 'hf')}")
+            self.log(f"wren: done. checkpoint: {checkpoint}")
+            self.log(f"wren: final train loss {train_loss:.4f}, eval loss {eval_loss:.4f}")
+            if plot is not None:
+                self.log(f"wren: loss curve: {plot}")
+        self.env.barrier()
+        return TrainResult(self.run_dir, checkpoint, train_loss, eval_loss, plot)
