@@ -49,7 +49,10 @@ class ModelConfig:
         """The model's own config: the flavor, then overrides, then the tokenizer's vocab size."""
         from models import get_model_spec
 
-        spec = get_model_spec(self.name)
+        try:
+            spec = get_model_spec(self.name)
+        except ValueError as err:
+            raise ValueError(f"name: {err}") from None
         if self.flavor not in spec.flavors:
             known = ", ".join(spec.flavors)
             raise ValueError(f"flavor: unknown flavor {self.flavor!r} of {self.name}; known: {known}")
@@ -111,7 +114,7 @@ class EvalConfig:
 
     every_steps: int = 50  # 0 = only at the end
     batches: int = 4
-    batch_size: int = 8  # sequences per eval batch, over all ranks
+    batch_size: int = 16  # sequences per eval batch, over all ranks
 
     def validate(self) -> None:
         if self.every_steps < 0:

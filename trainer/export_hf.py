@@ -62,8 +62,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
 
 
 def _save_tokenizer(sentencepiece_model: Path, out_dir: Path) -> None:
-    """Write the sentencepiece model and a `transformers` tokenizer built from it."""
-    from transformers import LlamaTokenizer
+    """Write the sentencepiece model and its Hugging Face fast-tokenizer files."""
+    from data.hf_tokenizer import save_hf_tokenizer
 
     shutil.copyfile(sentencepiece_model, out_dir / "tokenizer.model")
-    LlamaTokenizer(vocab_file=str(out_dir / "tokenizer.model"), add_bos_token=False, legacy=False).save_pretrained(out_dir)
+    save_hf_tokenizer(out_dir / "tokenizer.model", out_dir)

@@ -14,10 +14,10 @@ def test_defaults_equal_the_tiny_recipe():
 
 
 def test_overrides_reach_their_fields():
-    cfg = JobConfig.load(None, ["--training.steps=7", "--optimizer.lr=1e-4", "--data.source=text", "--model.dim=128"])
-    assert cfg.training.steps == 7
+    cfg = JobConfig.load(None, ["--training.steps=70", "--optimizer.lr=1e-4", "--data.vocab_size=4096", "--model.dim=128"])
+    assert cfg.training.steps == 70
     assert cfg.optimizer.lr == 1e-4
-    assert cfg.data.source == "text"
+    assert cfg.data.vocab_size == 4096
     assert cfg.model.build_model_config(vocab_size=300).dim == 128
 
 

@@ -1,0 +1,37 @@
+"""The `wren train` command end to end: progress, outputs on disk, and launch/train.sh with torchrun."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.trainer.jobs import tiny_overrides
+
+
+def test_train_writes_checkpoint_metrics_tensorboard_and_plot(corpus, data_cache, tmp_path):
+    overrides = tiny_overrides(
+        corpus, data_cache, tmp_path, "cli", metrics__tensorboard=True, metrics__plot=True, eval__every_steps=5, checkpoint__every_steps=5
+    )
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", *overrides], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "cli"
+    out = proc.stdout
+    assert "step 10/10" in out and "tok/s" in out and "MFU" in out
+    assert f"checkpoint: {run / 'checkpoints' / 'step_00000010'}" in out
+    assert "final train loss" in out and f"loss curve: {run / 'loss.png'}" in out
+    assert (run / "config.toml").is_file() and (run / "loss.png").stat().st_size > 1000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "perf/peak_memory_gib"} <= set().union(*records)
+    assert sum("eval/loss" in r for r in records) == 2  # at step 5 and at the end
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+
+
+@pytest.mark.slow
+def test_train_sh_runs_two_ranks_under_torchrun(corpus, data_cache, tmp_path):
+    overrides = tiny_overrides(corpus, data_cache, tmp_path, "torchrun", training__steps=4)
+    proc = subprocess.run(["bash", "launch/train.sh", "--nproc", "2", *overrides], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2 fully_shard over 2 ranks" in proc.stdout
+    assert (tmp_path / "torchrun" / "checkpoints" / "step_00000004").is_dir()
