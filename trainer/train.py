@@ -70,8 +70,7 @@ class Trainer:
         spec = get_model_spec(cfg.model.name)
         self.model_config = cfg.model.build_model_config(prepared.vocab_size)
         with torch.device(env.device):
-            model = spec.model_cls(self.model_config)
-            model.init_weights()
+            model = spec.model_cls(self.model_config)  # seeded init, identical on every rank
         self.num_params = model.num_params()
         self.flops_per_token = model.flops_per_token(cfg.training.seq_len)
         if cfg.training.activation_checkpointing:

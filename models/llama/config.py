@@ -1,0 +1,109 @@
+"""`LlamaConfig`: the shape and numerics of a Llama-family decoder, with validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.llama.rope import Llama3RopeScaling
+
+__all__ = ["LlamaConfig"]
+
+
+@dataclass(kw_only=True)
+class LlamaConfig:
+    """A Llama decoder: pre-norm RMSNorm blocks, RoPE, grouped-query attention, SwiGLU MLP.
+
+    Attributes:
+        dim: model width (residual stream).
+        n_layers: number of transformer blocks.
+        n_heads: query heads; must divide `dim`.
+        n_kv_heads: key/value heads; None means `n_heads` (MHA), 1 is MQA, otherwise GQA.
+        vocab_size: embedding rows (the flavors' value is a placeholder for the tokenizer's).
+        ffn_hidden_dim: SwiGLU hidden width.
+        norm_eps: RMSNorm epsilon.
+        rope_theta: RoPE base.
+        rope_scaling_factor: 0 turns Llama-3.1 RoPE scaling off; > 0 is its `factor`.
+        rope_low_freq_factor: Llama-3.1 scaling `low_freq_factor`.
+        rope_high_freq_factor: Llama-3.1 scaling `high_freq_factor`.
+        rope_original_max_seq_len: Llama-3.1 scaling's original context length.
+        max_seq_len: longest sequence the model accepts (size of the RoPE tables).
+        tie_embeddings: share the token embedding with the output projection.
+        init_std: standard deviation of the normal weight init.
+    """
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    vocab_size: int = 8192
+    ffn_hidden_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 0.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, `dim // n_heads`."""
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads with the MHA default resolved."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def rope_scaling(self) -> Llama3RopeScaling | None:
+        """The Llama-3.1 RoPE scaling these fields describe, or None when it is off."""
+        if self.rope_scaling_factor == 0:
+            return None
+        return Llama3RopeScaling(
+            factor=self.rope_scaling_factor,
+            low_freq_factor=self.rope_low_freq_factor,
+            high_freq_factor=self.rope_high_freq_factor,
+            original_max_seq_len=self.rope_original_max_seq_len,
+        )
+
+    def validate(self) -> None:
+        """Raise ValueError, starting with the offending field's name, if the shape is impossible."""
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "ffn_hidden_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)!r}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"n_heads: {self.n_heads} does not divide dim={self.dim}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(
+                f"n_heads: head_dim = dim / n_heads = {self.head_dim} must be even for RoPE"
+            )
+        if self.n_kv_heads is not None:
+            if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0:
+                raise ValueError(f"n_kv_heads: must be a positive integer or None, got {self.n_kv_heads!r}")
+            if self.n_heads % self.n_kv_heads != 0:
+                raise ValueError(f"n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        if self.rope_scaling_factor < 0:
+            raise ValueError(f"rope_scaling_factor: must be >= 0 (0 = off), got {self.rope_scaling_factor!r}")
+        if self.rope_scaling_factor == 0:
+            return
+        if self.rope_original_max_seq_len <= 0:
+            raise ValueError(
+                f"rope_original_max_seq_len: must be positive, got {self.rope_original_max_seq_len!r}"
+            )
+        if not self.rope_low_freq_factor > 0:
+            raise ValueError(f"rope_low_freq_factor: must be positive, got {self.rope_low_freq_factor!r}")
+        if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ValueError(
+                f"rope_high_freq_factor: {self.rope_high_freq_factor} must exceed "
+                f"rope_low_freq_factor={self.rope_low_freq_factor}"
+            )

@@ -1,0 +1,45 @@
+"""The model registry and the "llama" spec the trainer builds from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import models
+from models import ModelSpec, get_model_spec
+from models.llama import Llama, LlamaConfig, parallelize_llama
+
+
+def test_llama_spec_is_registered_with_its_parts():
+    spec = get_model_spec("llama")
+    assert spec.config_cls is LlamaConfig and spec.model_cls is Llama
+    assert spec.parallelize is parallelize_llama
+    assert set(spec.flavors) == {"tiny", "small", "125M", "1B", "8B"}
+    assert all(isinstance(cfg, LlamaConfig) for cfg in spec.flavors.values())
+    for name in ("to_hf_config", "from_hf_config", "to_hf_state_dict", "from_hf_state_dict"):
+        assert callable(getattr(spec.hf_adapter, name))
+    assert "llama" in models.registered_models()
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match="^unknown model 'x'; known: llama$"):
+        get_model_spec("x")
+
+
+def test_duplicate_registration_is_refused():
+    spec = dataclasses.replace(get_model_spec("llama"))
+    assert isinstance(spec, ModelSpec)
+    with pytest.raises(ValueError, match="'llama' is already registered"):
+        models.register_model(spec)
+
+
+def test_flavor_shapes():
+    flavors = get_model_spec("llama").flavors
+    tiny, one_b, eight_b = flavors["tiny"], flavors["1B"], flavors["8B"]
+    assert (tiny.dim, tiny.n_layers, tiny.n_heads, tiny.kv_heads, tiny.ffn_hidden_dim) == (256, 4, 4, 2, 688)
+    assert tiny.tie_embeddings and tiny.max_seq_len == 1024
+    assert (one_b.dim, one_b.n_layers, one_b.n_heads, one_b.kv_heads, one_b.ffn_hidden_dim) == (2048, 16, 32, 8, 8192)
+    assert one_b.tie_embeddings and one_b.rope_theta == 500000.0 and one_b.rope_scaling_factor == 32.0
+    assert (eight_b.dim, eight_b.n_layers, eight_b.kv_heads, eight_b.ffn_hidden_dim) == (4096, 32, 8, 14336)
+    assert not eight_b.tie_embeddings and eight_b.rope_scaling_factor == 8.0
