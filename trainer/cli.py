@@ -52,11 +52,11 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 
 @command("prepare-data", "train the tokenizer and write packed token shards (cached)", _prepare_args)
 def _prepare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from data import prepare_data
     from trainer.config import JobConfig
+    from trainer.train import prepare_data_or_fail
 
     cfg = JobConfig.load(args.config, overrides)
-    prepared = prepare_data(cfg.data)
+    prepared = prepare_data_or_fail(cfg.data, log=print)
     print(f"wren: data ready in {prepared.directory} (vocab {prepared.vocab_size})")
     return 0
 

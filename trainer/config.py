@@ -200,6 +200,8 @@ class JobConfig:
             part = getattr(self, section.name)
             _checked(section.name, part.validate)
         _checked("training", lambda: self.training.local_batch_size(world_size))
+        if self.eval.batch_size % world_size:
+            raise ConfigError(f"eval.batch_size: {self.eval.batch_size} is not divisible by the world size {world_size}")
         model_cfg = _checked("model", lambda: self.model.build_model_config(self.data.vocab_size))
         if self.training.seq_len > model_cfg.max_seq_len:
             raise ConfigError(

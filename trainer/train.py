@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 
-from data import TokenLoader, TokenShard, eval_windows, prepare_data
+from data import DataConfig, PreparedData, TokenLoader, TokenShard, eval_windows, prepare_data
 from models import get_model_spec
 from optim.builder import build_optimizer
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.config import JobConfig
 from trainer.distributed import DistEnv
-from trainer.errors import NonFiniteError
+from trainer.errors import NonFiniteError, UserError
 from trainer.metrics import MetricsLogger, peak_memory_bytes
 from trainer.peak_flops import peak_flops_per_s
 from trainer.train_state import IntState, ModelOptimizerState, Progress, RNGState, all_finite
@@ -52,6 +52,14 @@ class TrainResult:
     final_train_loss: float
     final_eval_loss: float
     plot: Path | None
+
+
+def prepare_data_or_fail(cfg: DataConfig, log) -> PreparedData:
+    """`prepare_data`, reporting unusable inputs (empty corpus, unreadable files) as a user error."""
+    try:
+        return prepare_data(cfg, log=log)
+    except ValueError as err:
+        raise UserError(f"data: {err}") from None
 
 
 class Trainer:
@@ -89,6 +97,10 @@ class Trainer:
             world_size=env.world_size,
         )
         self.val_shard = TokenShard(prepared.val_path)
+        try:  # checks now, not at the first evaluation, that the held-out split holds a batch
+            eval_windows(self.val_shard, **self._eval_args())
+        except ValueError as err:
+            raise UserError(f"eval: {err} (lower eval.batch_size or raise data.val_fraction)") from None
         self.progress = Progress()
         self.consecutive_nonfinite = 0
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, env=env)
@@ -100,15 +112,24 @@ class Trainer:
     def _prepare_data(self):
         """Build (rank 0 first) or reuse the cached tokenizer and shards; copy the tokenizer to the run."""
         if self.env.is_main:
-            prepared = prepare_data(self.cfg.data, log=self.log)
+            prepared = prepare_data_or_fail(self.cfg.data, log=self.log)
         self.env.barrier()
         if not self.env.is_main:
-            prepared = prepare_data(self.cfg.data, log=lambda *_: None)
+            prepared = prepare_data_or_fail(self.cfg.data, log=lambda *_: None)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(prepared.tokenizer_path, self.run_dir / TOKENIZER_FILE)
             (self.run_dir / CONFIG_FILE).write_text(self.cfg.to_toml())
         return prepared
+
+    def _eval_args(self) -> dict:
+        return dict(
+            seq_len=self.cfg.training.seq_len,
+            batch_size=self.cfg.eval.batch_size,
+            max_batches=self.cfg.eval.batches,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
 
     def checkpoint_state(self) -> dict:
         """The Stateful parts that make a resume exact."""
@@ -171,15 +192,7 @@ class Trainer:
         """Mean next-token loss over the first `eval.batches` batches of the held-out split."""
         self.model.eval()
         loss_sum, count = 0.0, 0
-        windows = eval_windows(
-            self.val_shard,
-            seq_len=self.cfg.training.seq_len,
-            batch_size=self.cfg.eval.batch_size,
-            max_batches=self.cfg.eval.batches,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-        )
-        for batch in windows:
+        for batch in eval_windows(self.val_shard, **self._eval_args()):
             batch = batch.to(self.env.device)
             with self._autocast():
                 logits = self.model(batch[:, :-1])

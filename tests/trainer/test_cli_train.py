@@ -35,3 +35,15 @@ def test_train_sh_runs_two_ranks_under_torchrun(corpus, data_cache, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FSDP2 fully_shard over 2 ranks" in proc.stdout
     assert (tmp_path / "torchrun" / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_unusable_corpus_is_one_line_error(tmp_path, data_cache):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "only.txt").write_text("one short document\n")
+    overrides = tiny_overrides(corpus, data_cache, tmp_path, "bad")
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", *overrides], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("wren: error: data: "), proc.stderr
+    assert "Traceback" not in proc.stderr
