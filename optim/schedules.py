@@ -51,6 +51,12 @@ def _warmup(cfg: ScheduleConfig, step: int) -> float | None:
     return None
 
 
+def _decay_progress(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
+    """Fraction of the post-warmup decay done at `step`: 0 right after warmup, 1 at the last step."""
+    decay_steps = max(1, total_steps - cfg.warmup_steps - 1)
+    return min(1.0, (step - cfg.warmup_steps) / decay_steps)
+
+
 @register_schedule("constant")
 def _constant(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     warm = _warmup(cfg, step)
@@ -63,8 +69,7 @@ def _cosine(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     warm = _warmup(cfg, step)
     if warm is not None:
         return warm
-    decay_steps = max(1, total_steps - cfg.warmup_steps - 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    progress = _decay_progress(cfg, step, total_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -73,6 +78,4 @@ def _linear(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     warm = _warmup(cfg, step)
     if warm is not None:
         return warm
-    decay_steps = max(1, total_steps - cfg.warmup_steps - 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    return 1 - (1 - cfg.min_lr_ratio) * progress
+    return 1 - (1 - cfg.min_lr_ratio) * _decay_progress(cfg, step, total_steps)

@@ -18,6 +18,16 @@ import torch
 from trainer.config import MetricsConfig
 
 METRICS_FILE = "metrics.jsonl"
+# What the progress line shows, in order, and how.
+CONSOLE_FIELDS = (
+    ("train/loss", "loss {:.4f}"),
+    ("eval/loss", "eval {:.4f}"),
+    ("train/lr", "lr {:.2e}"),
+    ("train/grad_norm", "gnorm {:.3f}"),
+    ("perf/tokens_per_s", "{:,.0f} tok/s"),
+    ("perf/mfu", "MFU {:.1%}"),
+    ("perf/peak_memory_gib", "mem {:.2f} GiB"),
+)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -81,20 +91,9 @@ class MetricsLogger:
         steps_here = max(1, step - self.start_step)
         eta_s = elapsed / steps_here * (self.total_steps - step)
         parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps} [{bar}] {100 * done:3.0f}%"]
-        if "train/loss" in record:
-            parts.append(f"loss {record['train/loss']:.4f}")
-        if "eval/loss" in record:
-            parts.append(f"eval {record['eval/loss']:.4f}")
-        if "train/lr" in record:
-            parts.append(f"lr {record['train/lr']:.2e}")
-        if "train/grad_norm" in record:
-            parts.append(f"gnorm {record['train/grad_norm']:.3f}")
-        if "perf/tokens_per_s" in record:
-            parts.append(f"{record['perf/tokens_per_s']:,.0f} tok/s")
-        if "perf/mfu" in record:
-            parts.append(f"MFU {100 * record['perf/mfu']:.1f}%")
-        if "perf/peak_memory_gib" in record:
-            parts.append(f"mem {record['perf/peak_memory_gib']:.2f} GiB")
+        for key, fmt in CONSOLE_FIELDS:
+            if key in record:
+                parts.append(fmt.format(record[key]))
         parts.append(f"eta {_duration(eta_s)}")
         print(" | ".join(parts), file=out, flush=True)
 
