@@ -93,6 +93,19 @@ def _plot(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _hparams_args(p: argparse.ArgumentParser) -> None:
+    from optim.hparams import add_arguments
+
+    add_arguments(p)
+
+
+@command("hparams", "predict the optimal lr and batch size (Step Law and other laws) from N and D or a recipe", _hparams_args)
+def _hparams(args: argparse.Namespace, extra: list[str]) -> int:
+    from optim.hparams import run
+
+    return run(args, extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per registered command."""
     parser = argparse.ArgumentParser(prog="wren", description="wren: memory-efficient LLM training")
