@@ -28,7 +28,7 @@ class ScheduleConfig:
     """Warmup then a decay shape; the multiplier scales `optimizer.lr`."""
 
     name: str = "cosine"
-    warmup_steps: int = 20
+    warmup_steps: int = 12
     min_lr_ratio: float = 0.1  # the final lr as a fraction of the peak
 
     def validate(self) -> None:

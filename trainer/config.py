@@ -73,9 +73,9 @@ class ModelConfig:
 class TrainingConfig:
     """The loop: how many steps, on what batches, in which precision."""
 
-    steps: int = 200
+    steps: int = 120
     seq_len: int = 256
-    global_batch_size: int = 16  # sequences per optimizer step, over all ranks
+    global_batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 0  # sequences per forward pass on one rank; 0 = the whole local batch
     grad_clip_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     dtype: str = "float32"  # compute dtype: float32, or bfloat16 autocast
@@ -112,7 +112,7 @@ class TrainingConfig:
 class EvalConfig:
     """Periodic evaluation on the held-out split."""
 
-    every_steps: int = 50  # 0 = only at the end
+    every_steps: int = 40  # 0 = only at the end
     batches: int = 4
     batch_size: int = 16  # sequences per eval batch, over all ranks
 
@@ -128,7 +128,7 @@ class EvalConfig:
 class CheckpointConfig:
     """When to write checkpoints, how many to keep, and whether to resume."""
 
-    every_steps: int = 100  # 0 = only at the end
+    every_steps: int = 60  # 0 = only at the end
     keep_last: int = 2
     resume: bool = True  # continue from <run_dir>/checkpoints/latest when it exists
     export_hf: bool = False  # also write Hugging Face safetensors at the end

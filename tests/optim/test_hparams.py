@@ -184,10 +184,10 @@ def test_text_table_lists_each_law_with_formula_and_source(capsys):
 
 
 def test_config_path_counts_n_and_reads_d(capsys):
-    code, out, _ = run_cli(capsys, "configs/tiny.toml", "--training.steps=1000", "--model.n_layers=6", "--json")
+    code, out, _ = run_cli(capsys, "configs/tiny.toml", "--training.steps=1000", "--training.global_batch_size=16", "--model.n_layers=6", "--json")
     assert code == 0
     inputs = json.loads(out)["inputs"]
-    cfg = JobConfig.load("configs/tiny.toml", ["--training.steps=1000", "--model.n_layers=6"])
+    cfg = JobConfig.load("configs/tiny.toml", ["--training.steps=1000", "--training.global_batch_size=16", "--model.n_layers=6"])
     model_cfg = cfg.model.build_model_config(cfg.data.vocab_size)
     assert inputs["n_params"] == 6 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 688) == count_non_embedding(model_cfg)
     assert inputs["tokens"] == 1000 * 16 * 256 and inputs["seq_len"] == 256 and inputs["vocab_size"] == 8192
@@ -195,7 +195,7 @@ def test_config_path_counts_n_and_reads_d(capsys):
 
 def test_apply_writes_a_loadable_config_that_keeps_d(capsys, tmp_path):
     out = tmp_path / "applied.toml"
-    overrides = ["--training.steps=2000", "--training.micro_batch_size=2"]
+    overrides = ["--training.steps=2000", "--training.global_batch_size=16", "--training.micro_batch_size=2"]
     code, text, _ = run_cli(capsys, "--apply", "configs/tiny.toml", "--out", str(out), "--world-size", "2", *overrides)
     assert code == 0 and f"wrote {out}" in text
     n, d = 2_899_968, 2000 * 16 * 256

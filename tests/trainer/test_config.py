@@ -61,7 +61,7 @@ def test_bad_values_name_the_key(override, key):
 
 
 def test_batch_must_divide_by_world_size():
-    with pytest.raises(ConfigError, match=r"^training.global_batch_size: 16 is not divisible by the world size 3"):
+    with pytest.raises(ConfigError, match=r"^training.global_batch_size: 8 is not divisible by the world size 3"):
         JobConfig.load(None, [], world_size=3)
 
 
