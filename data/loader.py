@@ -3,7 +3,10 @@
 The shard's tokens form one stream cut into windows: window k (k = 0, 1, 2, ...) is
 `tokens[s : s + seq_len + 1]` with `s = (k mod W) * seq_len` and `W = (num_tokens - 1) // seq_len`,
 so consecutive windows share one token (the last target of one is the first input of the next),
-and k >= W wraps around into the next epoch. A training step takes the `global_batch_size`
+and k >= W wraps around into the next epoch. With a `shuffle_seed`, epoch e visits the W windows
+in the order of a permutation drawn from (shuffle_seed, e) instead, so a batch mixes windows from
+all over the corpus rather than from one document; the permutation depends only on the seed and
+the epoch, never on the world size, so everything below holds unchanged. A training step takes the `global_batch_size`
 windows following the global cursor; rank r of `world_size` takes its contiguous slice of them.
 The cursor counts tokens, not per-rank batches, so the concatenation over ranks equals the
 single-process batch, and a run saved at one world size resumes at another without skipping or
@@ -63,8 +66,11 @@ class TokenLoader:
         global_batch_size: int,
         rank: int = 0,
         world_size: int = 1,
+        shuffle_seed: int | None = None,
     ) -> None:
         self.shard = shard
+        self.shuffle_seed = shuffle_seed
+        self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its window order)
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
         self.rank = rank
@@ -78,7 +84,24 @@ class TokenLoader:
         first_window = self.tokens_consumed // self.seq_len + self.rank * self.local_batch_size
         window_indices = np.arange(first_window, first_window + self.local_batch_size)
         self.tokens_consumed += self.global_batch_size * self.seq_len
-        return _windows(self.shard, window_indices % self.num_windows, self.seq_len)
+        return _windows(self.shard, self._positions(window_indices), self.seq_len)
+
+    def _positions(self, window_indices: np.ndarray) -> np.ndarray:
+        """Where in the shard global windows `window_indices` start (in units of seq_len)."""
+        positions = window_indices % self.num_windows
+        if self.shuffle_seed is None:
+            return positions
+        epochs = window_indices // self.num_windows
+        for epoch in np.unique(epochs):
+            positions[epochs == epoch] = self._epoch_order(int(epoch))[positions[epochs == epoch]]
+        return positions
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The seeded permutation of window positions for `epoch` (the latest one is cached)."""
+        if self._permutation is None or self._permutation[0] != epoch:
+            rng = np.random.default_rng([self.shuffle_seed, epoch])
+            self._permutation = (epoch, rng.permutation(self.num_windows))
+        return self._permutation[1]
 
     @property
     def epoch(self) -> float:

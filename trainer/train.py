@@ -95,6 +95,7 @@ class Trainer:
             global_batch_size=cfg.training.global_batch_size,
             rank=env.rank,
             world_size=env.world_size,
+            shuffle_seed=cfg.run.seed,
         )
         self.val_shard = TokenShard(prepared.val_path)
         try:  # checks now, not at the first evaluation, that the held-out split holds a batch

@@ -19,13 +19,14 @@ def shard(tmp_path):
     return write_shard(tmp_path / "shard", documents, NUM_TOKENS)
 
 
-def loader(shard, *, global_batch_size=8, rank=0, world_size=1, seq_len=SEQ_LEN):
+def loader(shard, *, global_batch_size=8, rank=0, world_size=1, seq_len=SEQ_LEN, shuffle_seed=None):
     return TokenLoader(
         shard,
         seq_len=seq_len,
         global_batch_size=global_batch_size,
         rank=rank,
         world_size=world_size,
+        shuffle_seed=shuffle_seed,
     )
 
 
@@ -59,10 +60,11 @@ def test_wraps_around_into_the_next_epoch(shard):
     assert single.epoch == pytest.approx(80 / NUM_WINDOWS)
 
 
+@pytest.mark.parametrize("shuffle_seed", [None, 7])
 @pytest.mark.parametrize("world_size", [2, 4, 8])
-def test_ranks_concatenate_to_the_single_process_batch(shard, world_size):
-    ranks = [loader(shard, rank=r, world_size=world_size) for r in range(world_size)]
-    reference = loader(shard)
+def test_ranks_concatenate_to_the_single_process_batch(shard, world_size, shuffle_seed):
+    ranks = [loader(shard, rank=r, world_size=world_size, shuffle_seed=shuffle_seed) for r in range(world_size)]
+    reference = loader(shard, shuffle_seed=shuffle_seed)
     for _ in range(10):  # through the wraparound
         local = [ld.next_batch() for ld in ranks]
         assert all(batch.shape == (8 // world_size, SEQ_LEN + 1) for batch in local)
@@ -80,23 +82,38 @@ def test_resume_from_state_dict_continues_identically(shard):
         assert torch.equal(resumed.next_batch(), original.next_batch())
 
 
+@pytest.mark.parametrize("shuffle_seed", [None, 7])
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (4, 2)])
-def test_resume_at_another_world_size_gives_the_same_stream(shard, before, after):
-    reference = loader(shard)
+def test_resume_at_another_world_size_gives_the_same_stream(shard, before, after, shuffle_seed):
+    reference = loader(shard, shuffle_seed=shuffle_seed)
     expected = [reference.next_batch() for _ in range(10)]
 
-    first = [loader(shard, rank=r, world_size=before) for r in range(before)]
+    first = [loader(shard, rank=r, world_size=before, shuffle_seed=shuffle_seed) for r in range(before)]
     stream = [global_step(first) for _ in range(4)]
     states = [ld.state_dict() for ld in first]
     assert all(state == states[0] for state in states)  # the cursor is global
 
-    second = [loader(shard, rank=r, world_size=after) for r in range(after)]
+    second = [loader(shard, rank=r, world_size=after, shuffle_seed=shuffle_seed) for r in range(after)]
     for ld in second:
         ld.load_state_dict(states[0])
     stream += [global_step(second) for _ in range(6)]
 
     for got, want in zip(stream, expected, strict=True):
         assert torch.equal(got, want)
+
+
+def test_shuffled_epochs_visit_every_window_once_in_a_seeded_order(shard):
+    shuffled = loader(shard, global_batch_size=2, shuffle_seed=3)
+    epochs = [[s for _ in range(NUM_WINDOWS // 2) for s in window_starts(shuffled.next_batch())] for _ in range(2)]
+    every_window = [k * SEQ_LEN for k in range(NUM_WINDOWS)]
+    for starts in epochs:
+        assert sorted(starts) == every_window
+        assert starts != every_window
+    assert epochs[0] != epochs[1]
+    again = loader(shard, global_batch_size=2, shuffle_seed=3)
+    assert [s for _ in range(NUM_WINDOWS // 2) for s in window_starts(again.next_batch())] == epochs[0]
+    other = loader(shard, global_batch_size=2, shuffle_seed=4)
+    assert [s for _ in range(NUM_WINDOWS // 2) for s in window_starts(other.next_batch())] != epochs[0]
 
 
 def test_resume_with_another_global_batch_size_skips_and_repeats_nothing(shard):
