@@ -73,8 +73,10 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
 
 @register_optimizer("adamw")
 def _adamw(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    # foreach=True: the multi-tensor path is the fastest that also accepts FSDP2's DTensor shards.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    # fused=True: one kernel per parameter for the whole update, on CPU and CUDA alike, and it
+    # accepts FSDP2's DTensor shards. On CPU it measured 34 ms per step against 131 ms for the
+    # per-tensor loop and 177 ms for foreach (33.7M parameters; benchmarks/RESULTS.md).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 @register_optimizer("sgd")
