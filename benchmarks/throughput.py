@@ -66,6 +66,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from trainer.config_loader import override_args  # noqa: E402 (needs the repository on sys.path)
+
 # Standard-library packages copied as the text corpus (real text, present wherever Python is).
 CORPUS_MODULES = ("json", "email", "urllib", "http", "logging", "concurrent")
 MFU_TARGET = 0.40
@@ -85,16 +87,6 @@ def make_corpus(directory: Path) -> Path:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
     return directory
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
 
 
 def wren_overrides(args: argparse.Namespace, dtype: str, work: Path, total_steps: int) -> list[str]:
@@ -121,7 +113,7 @@ def wren_overrides(args: argparse.Namespace, dtype: str, work: Path, total_steps
         "metrics.plot": False,
         "parallel.num_threads": args.threads,
     }
-    return [f"--{k}={_toml(v)}" for k, v in values.items()]
+    return override_args(values)
 
 
 def _rss_now() -> int:

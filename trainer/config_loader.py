@@ -151,12 +151,18 @@ def _write_table(table: dict[str, Any], path: list[str], lines: list[str]) -> No
         lines.append(f"\n[{'.'.join(path)}]")
     for key, value in scalars.items():
         if value is not None:
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
     for key, value in tables.items():
         _write_table(value, path + [key], lines)
 
 
-def _toml_value(value: Any) -> str:
+def override_args(values: dict[str, Any]) -> list[str]:
+    """`{"section.key": value}` as command-line overrides `--section.key=<TOML literal>`."""
+    return [f"--{key}={toml_value(value)}" for key, value in values.items()]
+
+
+def toml_value(value: Any) -> str:
+    """A scalar or list as a TOML literal."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -165,5 +171,5 @@ def _toml_value(value: Any) -> str:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

@@ -6,6 +6,8 @@ import shutil
 import sysconfig
 from pathlib import Path
 
+from trainer.config_loader import override_args
+
 # A few real standard-library modules: real text, present wherever Python is.
 CORPUS_MODULES = ("json", "email", "urllib", "http", "logging", "concurrent")
 
@@ -49,17 +51,7 @@ def tiny_overrides(corpus: Path, cache: Path, run_root: Path, name: str, **extra
         "metrics.peak_flops_per_s": 1e11,
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"--{k}={_toml(v)}" for k, v in values.items()]
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
+    return override_args(values)
 
 
 def train_job(overrides: list[str]) -> dict:
