@@ -51,17 +51,24 @@ def measure_matmul_flops_per_s(dtype: torch.dtype, device: torch.device, *, size
     return 2 * size**3 / min(times)
 
 
-def peak_flops_per_s(dtype: torch.dtype, device: torch.device, cache_path: Path = CACHE_PATH) -> float:
-    """The cached matmul peak for this machine, measuring and caching it on first use."""
+def peak_flops_per_s(
+    dtype: torch.dtype, device: torch.device, cache_path: Path = CACHE_PATH, *, remeasure: bool = False
+) -> float:
+    """The cached matmul peak for this machine, measuring and caching it on first use.
+
+    With `remeasure`, measure again and keep the larger of the two: a peak measured while other
+    work loaded the machine is too low (MFU above 100% gives it away), and never too high.
+    """
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     key = f"{platform.node()}|{_device_name(device)}|{dtype}|threads={threads}"
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if not isinstance(cache, dict) or not isinstance(cache.get(key), (int, float)):
-        cache = cache if isinstance(cache, dict) else {}
-        cache[key] = measure_matmul_flops_per_s(dtype, device)
+    cache = cache if isinstance(cache, dict) else {}
+    cached = cache.get(key) if isinstance(cache.get(key), (int, float)) else None
+    if cached is None or remeasure:
+        cache[key] = max(measure_matmul_flops_per_s(dtype, device), cached or 0.0)
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(cache, indent=1))

@@ -253,7 +253,12 @@ class Trainer:
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_steps * tokens_per_step / elapsed
                     record["perf/tokens_per_s"] = tokens_per_s
-                    record["perf/mfu"] = self.flops_per_token * tokens_per_s / (peak * self.env.world_size)
+                    mfu = self.flops_per_token * tokens_per_s / (peak * self.env.world_size)
+                    if mfu > 1 and not cfg.metrics.peak_flops_per_s:
+                        peak = peak_flops_per_s(self.dtype, self.env.device, remeasure=True)
+                        self.log(f"wren: the cached matmul peak was too low (MFU {mfu:.0%}); re-measured: {peak / 1e9:.1f} GFLOP/s")
+                        mfu = self.flops_per_token * tokens_per_s / (peak * self.env.world_size)
+                    record["perf/mfu"] = mfu
                     record["perf/peak_memory_gib"] = peak_memory_bytes(self.env.device) / 2**30
                     metrics.console(step, record)
                     interval_start, interval_steps = time.perf_counter(), 0
