@@ -12,13 +12,18 @@ CONFIG ?= configs/tiny.toml
 venv: $(STAMP)
 
 # torch first: a CUDA build where a GPU driver is present, otherwise the CPU build pinned here
-# (an unpinned torch on a CPU machine would pull a multi-GB CUDA build).
+# (an unpinned torch on a CPU machine would pull a multi-GB CUDA build). The installed torch is then
+# pinned as a constraint, so no dependency can swap it. DS_BUILD_OPS=0: DeepSpeed builds its ops
+# just in time instead of at install. mup goes in without its dependencies: it declares torchvision,
+# whose registry build is linked against CUDA and breaks CPU torch (dependency notes).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || { \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install "torch>=2.6,<2.15"; \
 	  else $(PY) -m pip install "torch==2.13.0"; fi; }
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	DS_BUILD_OPS=0 PIP_CONSTRAINT=$(abspath $(VENV))/torch-constraint.txt $(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps "mup>=1.0"
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -50,25 +50,31 @@ class OptimizerConfig:
             raise ValueError(f"weight_decay: must be 0 or positive, got {self.weight_decay}")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters into decayed matrices and undecayed vectors and embeddings."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """Split trainable parameters into decayed matrices and undecayed vectors and embeddings.
+
+    `lr_scales` (parameter name -> multiplier on the scheduled lr, e.g. muP's per-width scaling)
+    splits the groups further; each group carries its multiplier as `lr_scale`, which the trainer
+    applies whenever it sets the lr. Empty groups are dropped.
+    """
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or "embedding" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        decayed = not (param.ndim < 2 or "embedding" in name)
+        groups.setdefault((decayed, lr_scales.get(name, 1.0)), []).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+        for (decayed, scale), params in groups.items()
     ]
 
 
-def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimizerConfig, model: nn.Module, lr_scales: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
     """Build the configured optimizer over `model`'s trainable parameters."""
-    return OPTIMIZERS[cfg.name](cfg, param_groups(model, cfg.weight_decay))
+    return OPTIMIZERS[cfg.name](cfg, param_groups(model, cfg.weight_decay, lr_scales))
 
 
 @register_optimizer("adamw")

@@ -79,3 +79,32 @@ def _linear(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     if warm is not None:
         return warm
     return 1 - (1 - cfg.min_lr_ratio) * _decay_progress(cfg, step, total_steps)
+
+
+class Schedule:
+    """A built schedule: the absolute learning rate for a step, from the config and the run length.
+
+    The trainer asks `lr(step, tokens_seen)` before every optimizer step and saves `state_dict()`
+    in checkpoints; schedules that depend only on the step keep no state of their own.
+    """
+
+    def __init__(self, cfg: ScheduleConfig, *, peak_lr: float, total_steps: int, tokens_per_step: int):
+        self.cfg = cfg
+        self.peak_lr = peak_lr
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+
+    def lr(self, step: int, tokens_seen: int) -> float:
+        """The learning rate of optimizer step `step` (0-based), after `tokens_seen` training tokens."""
+        return self.peak_lr * self.cfg.lr_multiplier(step, self.total_steps)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_schedule(cfg: ScheduleConfig, *, peak_lr: float, total_steps: int, tokens_per_step: int) -> Schedule:
+    """The schedule a run uses: `cfg` with the run's peak lr, length and tokens per step."""
+    return Schedule(cfg, peak_lr=peak_lr, total_steps=total_steps, tokens_per_step=tokens_per_step)

@@ -7,6 +7,7 @@ non-zero without a traceback; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable
 
@@ -93,31 +94,49 @@ def _plot(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _hparams_args(p: argparse.ArgumentParser) -> None:
-    from optim.hparams import add_arguments
+def module_command(name: str, help_text: str, module: str) -> None:
+    """Register subcommand `name` implemented by `module`'s `add_arguments(parser)` and `run(args, extra)`.
 
-    add_arguments(p)
+    The module is imported only when the command runs, so `wren hparams` does not pay for torch.
+    """
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).add_arguments(p)
+
+    def run(args: argparse.Namespace, extra: list[str]) -> int:
+        return importlib.import_module(module).run(args, extra)
+
+    COMMANDS[name] = (help_text, add_arguments, run)
 
 
-@command("hparams", "predict the optimal lr and batch size (Step Law and other laws) from N and D or a recipe", _hparams_args)
-def _hparams(args: argparse.Namespace, extra: list[str]) -> int:
-    from optim.hparams import run
+module_command("hparams", "predict the optimal lr and batch size (Step Law and other laws) from N and D or a recipe", "optim.hparams")
+module_command("memory", "estimate per-rank memory (weights, grads, optimizer state, activations) of a recipe", "trainer.memory")
+module_command("mup-check", "muP coordinate check: activation scales over widths, written to a PNG", "optim.mup_check")
+module_command("sweep", "run a grid of training runs and fit scaling laws to their results", "launch.sweep")
+module_command("generate", "sample text from a trained run", "trainer.generate")
+module_command("linearize", "turn a trained softmax Llama into a Lizard linear-attention model", "models.lizard.linearize")
 
-    return run(args, extra)
 
+def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per registered command.
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one sub-parser per registered command."""
+    Only `command_name`'s arguments are declared (all of them when None), so that running one
+    command imports nothing that another command needs.
+    """
     parser = argparse.ArgumentParser(prog="wren", description="wren: memory-efficient LLM training")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False))
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        if command_name is None or name == command_name:
+            add_arguments(sub_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `wren COMMAND ...`; returns the process exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = argv[0] if argv and argv[0] in COMMANDS else ""
+    parser = build_parser(chosen)
     args, extra = parser.parse_known_args(argv)
     _, _, fn = COMMANDS[args.command]
     try:

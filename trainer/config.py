@@ -13,6 +13,7 @@ from typing import Any
 
 from data.config import DataConfig
 from optim.builder import OptimizerConfig
+from optim.mup import MupConfig
 from optim.schedules import ScheduleConfig
 from trainer.config_loader import apply_overrides, build_dataclass, load_toml, to_toml
 from trainer.errors import ConfigError
@@ -181,6 +182,7 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    mup: MupConfig = field(default_factory=MupConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -37,6 +37,26 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds (its FSDP2 shards; all parameters unsharded)."""
+    return sum(_local_bytes(p) for p in model.parameters())
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer state tensors this rank holds (moments, projectors, ...), scalars included."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += _local_bytes(value)
+    return total
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """All records of a run's metrics.jsonl, in order (empty when there is none)."""
     path = Path(run_dir) / METRICS_FILE

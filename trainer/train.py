@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,16 +23,19 @@ from torch.distributed.fsdp import FSDPModule
 from data import DataConfig, PreparedData, TokenLoader, TokenShard, eval_windows, prepare_data
 from models import get_model_spec
 from optim.builder import build_optimizer
+from optim.schedules import build_schedule
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.config import JobConfig
 from trainer.distributed import DistEnv
+from trainer.extensions import BuildContext, apply_model_transforms
 from trainer.errors import NonFiniteError, UserError
-from trainer.metrics import MetricsLogger, peak_memory_bytes
+from trainer.metrics import MetricsLogger, optimizer_state_bytes, parameter_bytes, peak_memory_bytes
 from trainer.peak_flops import peak_flops_per_s
 from trainer.train_state import IntState, ModelOptimizerState, Progress, RNGState, all_finite
 
 CONFIG_FILE = "config.toml"
 TOKENIZER_FILE = "tokenizer.model"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption notices (SLURM, Kubernetes, Ray)
 
 
 @dataclass
@@ -52,6 +57,7 @@ class TrainResult:
     final_train_loss: float
     final_eval_loss: float
     plot: Path | None
+    preempted: bool = False  # stopped early by a signal, after checkpointing; rerun to resume
 
 
 def prepare_data_or_fail(cfg: DataConfig, log) -> PreparedData:
@@ -79,8 +85,10 @@ class Trainer:
         self.model_config = cfg.model.build_model_config(prepared.vocab_size)
         with torch.device(env.device):
             model = spec.model_cls(self.model_config)  # seeded init, identical on every rank
-        self.num_params = model.num_params()
         self.flops_per_token = model.flops_per_token(cfg.training.seq_len)
+        self.extensions = BuildContext(cfg=cfg, env=env, log=self.log)
+        model = apply_model_transforms(model, self.extensions)
+        self.num_params = sum(p.numel() for p in model.parameters())
         if cfg.training.activation_checkpointing:
             self.log("wren: activation checkpointing on every transformer block")
         if env.mesh is not None:
@@ -88,7 +96,11 @@ class Trainer:
         self.model = spec.parallelize(
             model, env.mesh, activation_checkpointing=cfg.training.activation_checkpointing
         )
-        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.extensions.lr_scales)
+        self.tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
+        self.schedule = build_schedule(
+            cfg.schedule, peak_lr=cfg.optimizer.lr, total_steps=cfg.training.steps, tokens_per_step=self.tokens_per_step
+        )
         self.loader = TokenLoader(
             TokenShard(prepared.train_path),
             seq_len=cfg.training.seq_len,
@@ -104,6 +116,7 @@ class Trainer:
             raise UserError(f"eval: {err} (lower eval.batch_size or raise data.val_fraction)") from None
         self.progress = Progress()
         self.consecutive_nonfinite = 0
+        self.stop_signal: int | None = None
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, env=env)
         self.log(
             f"wren: model {cfg.model.name}/{cfg.model.flavor}: {self.num_params / 1e6:.2f}M parameters, "
@@ -134,12 +147,16 @@ class Trainer:
 
     def checkpoint_state(self) -> dict:
         """The Stateful parts that make a resume exact."""
-        return {
+        state = {
             "model_optim": ModelOptimizerState(self.model, self.optimizer),
             "loader": IntState(self.loader),
             "progress": IntState(self.progress),
             "rng": RNGState(),
+            **self.extensions.checkpoint_state,
         }
+        if self.schedule.state_dict():
+            state["schedule"] = self.schedule
+        return state
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -167,11 +184,11 @@ class Trainer:
         loss_mean = loss_total / self.env.world_size
         grad_norm = grad_norm.item()
         step = self.progress.step
-        lr = self.cfg.optimizer.lr * self.cfg.schedule.lr_multiplier(step, self.cfg.training.steps)
+        lr = self.schedule.lr(step, tokens_seen=step * self.tokens_per_step)
         finite = math.isfinite(loss_mean) and math.isfinite(grad_norm)
         if finite:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             self.optimizer.step()
             self.consecutive_nonfinite = 0
         else:
@@ -180,6 +197,9 @@ class Trainer:
             self.log(f"wren: step {step + 1}: non-finite loss {loss_mean} or grad norm {grad_norm}; update skipped")
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
+        if finite:
+            for hook in self.extensions.step_hooks:
+                hook(self.progress.step)
         if self.consecutive_nonfinite >= self.cfg.training.max_consecutive_nonfinite:
             raise NonFiniteError(
                 f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
@@ -233,6 +253,7 @@ class Trainer:
             self.run_dir, cfg.metrics, total_steps=total, enabled=self.env.is_main, resume_step=self.progress.step
         )
         peak = cfg.metrics.peak_flops_per_s or peak_flops_per_s(self.dtype, self.env.device)
+        previous_handlers = self._install_stop_handlers()
         tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
         last_checkpoint = self.checkpointer.latest()
         result = StepResult(loss=math.nan, grad_norm=math.nan, lr=0.0, skipped=False)
@@ -260,6 +281,8 @@ class Trainer:
                         mfu = self.flops_per_token * tokens_per_s / (peak * self.env.world_size)
                     record["perf/mfu"] = mfu
                     record["perf/peak_memory_gib"] = peak_memory_bytes(self.env.device) / 2**30
+                    record["memory/param_bytes"] = parameter_bytes(self.model)
+                    record["memory/optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)
                     metrics.console(step, record)
                     interval_start, interval_steps = time.perf_counter(), 0
                 metrics.log(step, record)
@@ -268,6 +291,8 @@ class Trainer:
                     metrics.log(step, {"eval/loss": self.evaluate()})
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
                     last_checkpoint = self.save_checkpoint()
+                if self._stop_requested() and step < total:
+                    return self._stop_for_preemption(last_checkpoint)
                 interval_start += time.perf_counter() - pause
             eval_loss = self.evaluate()
             metrics.log(total, {"eval/loss": eval_loss})
@@ -275,7 +300,40 @@ class Trainer:
                 last_checkpoint = self.save_checkpoint()
         finally:
             metrics.close()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         return self._finish(last_checkpoint, result.loss, eval_loss)
+
+    def _install_stop_handlers(self) -> dict:
+        """On SIGTERM / SIGUSR1, finish the current step, checkpoint and exit (see `_stop_requested`).
+
+        Returns the handlers it replaced, which `fit` puts back when it returns.
+
+        Signal handlers can only be set from the main thread; elsewhere (a Ray worker's training
+        thread) the scheduler's own stop mechanism applies.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum, frame):
+            self.stop_signal = signum
+
+        return {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal (all ranks agree, so all stop at the same step)."""
+        (ranks_stopping,) = self.env.all_reduce_sum([float(self.stop_signal is not None)])
+        return ranks_stopping > 0
+
+    def _stop_for_preemption(self, last_checkpoint: Path | None) -> TrainResult:
+        """Checkpoint the step just taken (unless it was just saved) and return without finishing."""
+        step = self.progress.step
+        if last_checkpoint is None or last_checkpoint.name != f"step_{step:08d}":
+            last_checkpoint = self.save_checkpoint()
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "a stop signal on another rank"
+        self.log(f"wren: stopped by {name} after step {step}; checkpoint {last_checkpoint}. Run the same command to resume.")
+        self.env.barrier()
+        return TrainResult(self.run_dir, last_checkpoint, math.nan, math.nan, None, preempted=True)
 
     def _finish(self, checkpoint: Path, train_loss: float, eval_loss: float) -> TrainResult:
         plot = None

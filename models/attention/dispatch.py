@@ -42,13 +42,13 @@ class AttentionBackend:
 
     Attributes:
         name: registry key.
-        fn: `fn(q, k, v, causal)` with the shapes of `attention`; returns (B, H, T, D).
+        fn: `fn(q, k, v, causal, scale)` with the arguments of `attention`; returns (B, H, T, D).
         installed: whether the backend's dependencies import in this process.
         supports: whether the backend can run on these query tensors (device, dtype).
     """
 
     name: str
-    fn: Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+    fn: Callable[[Tensor, Tensor, Tensor, bool, float | None], Tensor]
     installed: Callable[[], bool]
     supports: Callable[[Tensor], bool]
 
@@ -97,8 +97,10 @@ def _resolve(q: Tensor) -> AttentionBackend:
     raise ValueError(f"no attention backend supports {q.dtype} tensors on {q.device.type}")
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True) -> Tensor:
-    """Softmax attention softmax(q k^T / sqrt(D)) v, optionally causal; returns (B, H, T, D).
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
+    """Softmax attention softmax(scale q k^T) v, optionally causal; returns (B, H, T, D).
+
+    `scale` defaults to 1/sqrt(D).
 
     q is (B, H, T, D); k and v are (B, H_kv, T, D) with H_kv dividing H (query head h reads
     kv head h // (H / H_kv), the grouping of GQA and of Hugging Face's `repeat_kv`).
@@ -109,11 +111,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True) -> Tensor
         raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"attention: {k.shape[1]} kv heads do not divide {q.shape[1]} query heads")
-    return _resolve(q).fn(q, k, v, causal)
+    return _resolve(q).fn(q, k, v, causal, scale)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 @functools.cache
@@ -130,10 +134,10 @@ def _flash_supports(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
 
 
-def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
     from flash_attn import flash_attn_func
 
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, softmax_scale=scale)
     return out.transpose(1, 2)
 
 

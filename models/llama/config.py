@@ -29,6 +29,9 @@ class LlamaConfig:
         max_seq_len: longest sequence the model accepts (size of the RoPE tables).
         tie_embeddings: share the token embedding with the output projection.
         init_std: standard deviation of the normal weight init.
+        attention_scale: softmax temperature of q k^T; 0 = 1/sqrt(head_dim) (muP uses 1/head_dim).
+        embedding_scale: multiplier on the token embedding's output (muP's input multiplier).
+        logit_scale: multiplier on the output logits (muP's readout 1/width_mult).
     """
 
     dim: int
@@ -46,6 +49,9 @@ class LlamaConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
+    attention_scale: float = 0.0
+    embedding_scale: float = 1.0
+    logit_scale: float = 1.0
 
     @property
     def head_dim(self) -> int:
@@ -75,9 +81,11 @@ class LlamaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        for name in ("norm_eps", "rope_theta", "init_std"):
+        for name in ("norm_eps", "rope_theta", "init_std", "embedding_scale", "logit_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)!r}")
+        if self.attention_scale < 0:
+            raise ValueError(f"attention_scale: must be 0 (1/sqrt(head_dim)) or positive, got {self.attention_scale!r}")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"n_heads: {self.n_heads} does not divide dim={self.dim}")
         if self.head_dim % 2 != 0:

@@ -63,6 +63,9 @@ def to_hf_config(cfg: LlamaConfig) -> transformers.LlamaConfig:
     import transformers
 
     cfg.validate()
+    for name, default in (("attention_scale", 0.0), ("embedding_scale", 1.0), ("logit_scale", 1.0)):
+        if getattr(cfg, name) != default:
+            raise ValueError(f"{name}: Hugging Face Llama has no equivalent of {name}={getattr(cfg, name)}")
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,

@@ -48,6 +48,7 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.kv_heads
         self.head_dim = config.head_dim
+        self.scale = config.attention_scale or None  # None: SDPA's 1/sqrt(head_dim)
         self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -60,7 +61,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
-        out = attention(q, k, v, causal=True)
+        out = attention(q, k, v, causal=True, scale=self.scale)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def init_weights(self, *, std: float, out_std: float) -> None:
@@ -147,12 +148,18 @@ class Llama(nn.Module):
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"max_seq_len: sequence of {tokens.shape[1]} tokens exceeds {self.config.max_seq_len}")
         h = self.tok_embeddings(tokens)
+        if self.config.embedding_scale != 1.0:
+            h = h * self.config.embedding_scale
         for layer in self.layers:
             h = layer(h, self.rope_cos, self.rope_sin)
         h = self.norm(h)
         if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return self.output(h)
+            logits = F.linear(h, self.tok_embeddings.weight)
+        else:
+            logits = self.output(h)
+        if self.config.logit_scale != 1.0:
+            logits = logits * self.config.logit_scale
+        return logits
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter and the RoPE tables from torch's global RNG.

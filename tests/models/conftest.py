@@ -6,12 +6,14 @@ import pytest
 import torch
 
 
-def plain_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v with each kv head repeated for its group of query heads."""
+def plain_softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(scale q k^T + mask) v (scale 1/sqrt(d) by default), each kv head repeated for its query heads."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
-    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if causal:
         seq_len = q.shape[-2]
         future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)

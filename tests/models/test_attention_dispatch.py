@@ -38,6 +38,14 @@ def test_sdpa_equals_plain_softmax_attention(heads, kv_heads, causal, reference_
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_explicit_scale_is_the_softmax_temperature(reference_attention):
+    q, k, v = _qkv(4, 2)
+    head_dim = q.shape[-1]
+    out = attention(q, k, v, causal=True, scale=1.0 / head_dim)  # muP's 1/d attention
+    torch.testing.assert_close(out, reference_attention(q, k, v, causal=True, scale=1.0 / head_dim), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out, attention(q, k, v, causal=True), atol=1e-4)
+
+
 def test_causal_flag_matters(reference_attention):
     q, k, v = _qkv(4, 2)
     assert not torch.allclose(attention(q, k, v, causal=True), attention(q, k, v, causal=False))
