@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 SCHEDULES: dict[str, Callable[["ScheduleConfig", int, int], float]] = {}
@@ -30,6 +31,7 @@ class ScheduleConfig:
     name: str = "cosine"
     warmup_steps: int = 12
     min_lr_ratio: float = 0.1  # the final lr as a fraction of the peak
+    decay_from: str = ""  # a checkpoint (step_N directory) of another run to start this one from
 
     def validate(self) -> None:
         if self.name not in SCHEDULES:
@@ -38,6 +40,8 @@ class ScheduleConfig:
             raise ValueError(f"warmup_steps: must be 0 or positive, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.decay_from and not (Path(self.decay_from) / ".metadata").is_file():
+            raise ValueError(f"decay_from: '{self.decay_from}' is not a checkpoint directory (no .metadata)")
 
     def lr_multiplier(self, step: int, total_steps: int) -> float:
         """The lr multiplier for optimizer step `step` (0-based) of `total_steps`."""

@@ -32,16 +32,17 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train a model from a TOML recipe; --section.key=value overrides follow", _train_args)
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from trainer.config import JobConfig
+    from trainer.config import ENGINES, JobConfig
     from trainer.distributed import init_distributed, shutdown_distributed, world_size_from_env
-    from trainer.train import Trainer
 
     cfg = JobConfig.load(args.config, overrides, world_size=world_size_from_env())
+    module_name, class_name = ENGINES[cfg.parallel.engine].split(":")
+    trainer_cls = getattr(importlib.import_module(module_name), class_name)
     env = init_distributed(cfg.parallel)
     try:
         if env.is_main:
             print(f"wren: resolved config (saved to {cfg.run.run_dir / 'config.toml'}):\n{cfg.to_toml()}", flush=True)
-        Trainer(cfg, env).fit()
+        trainer_cls(cfg, env).fit()
     finally:
         shutdown_distributed()
     return 0

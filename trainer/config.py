@@ -19,6 +19,8 @@ from trainer.config_loader import apply_overrides, build_dataclass, load_toml, t
 from trainer.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
+# Training engines by name: the class (imported when a run starts) that trains a JobConfig.
+ENGINES = {"fsdp2": "trainer.train:Trainer", "deepspeed": "trainer.deepspeed_engine:DeepSpeedTrainer"}
 
 
 @dataclass(kw_only=True)
@@ -162,10 +164,17 @@ class MetricsConfig:
 class ParallelConfig:
     """How processes talk: the collective backend; FSDP2 shards over all ranks."""
 
+    engine: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 1, 2 or 3 (engine = "deepspeed")
+    offload_optimizer: bool = False  # DeepSpeed: keep optimizer states in CPU memory
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
     num_threads: int = 0  # intra-op CPU threads per rank; 0 = cores / local ranks
 
     def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"zero_stage: must be 1, 2 or 3, got {self.zero_stage}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"backend: must be auto, gloo or nccl, got {self.backend!r}")
         if self.num_threads < 0:

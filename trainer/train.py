@@ -236,6 +236,8 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the latest checkpoint when there is one and resuming is on."""
         latest = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
+        if latest is None and self.cfg.schedule.decay_from:
+            latest = Path(self.cfg.schedule.decay_from)  # branch from another run's checkpoint
         if latest is None:
             return
         try:
