@@ -29,7 +29,7 @@ from trainer.config import JobConfig
 from trainer.distributed import DistEnv
 from trainer.extensions import BuildContext, apply_model_transforms
 from trainer.errors import NonFiniteError, UserError
-from trainer.metrics import MetricsLogger, optimizer_state_bytes, parameter_bytes, peak_memory_bytes
+from trainer.metrics import MetricsLogger, optimizer_state_bytes, parameter_bytes, peak_memory_bytes, read_metrics
 from trainer.peak_flops import peak_flops_per_s
 from trainer.train_state import IntState, ModelOptimizerState, Progress, RNGState, all_finite
 
@@ -251,6 +251,8 @@ class Trainer:
         cfg = self.cfg
         self.resume()
         total = cfg.training.steps
+        if self.progress.step >= total:
+            return self._already_finished()
         metrics = MetricsLogger(
             self.run_dir, cfg.metrics, total_steps=total, enabled=self.env.is_main, resume_step=self.progress.step
         )
@@ -305,6 +307,15 @@ class Trainer:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
         return self._finish(last_checkpoint, result.loss, eval_loss)
+
+    def _already_finished(self) -> TrainResult:
+        """A rerun of a complete run: report its recorded final losses instead of training or logging again."""
+        records = read_metrics(self.run_dir)
+        train = [r["train/loss"] for r in records if "train/loss" in r]
+        evals = [r["eval/loss"] for r in records if "eval/loss" in r]
+        self.log(f"wren: run already complete at step {self.progress.step} (training.steps = {self.cfg.training.steps}); "
+                 f"raise training.steps to train further")
+        return self._finish(self.checkpointer.latest(), train[-1] if train else math.nan, evals[-1] if evals else math.nan)
 
     def _install_stop_handlers(self) -> dict:
         """On SIGTERM / SIGUSR1, finish the current step, checkpoint and exit (see `_stop_requested`).

@@ -26,6 +26,16 @@ def test_train_writes_checkpoint_metrics_tensorboard_and_plot(corpus, data_cache
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "perf/peak_memory_gib"} <= set().union(*records)
     assert sum("eval/loss" in r for r in records) == 2  # at step 5 and at the end
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+    assert {"memory/param_bytes", "memory/optimizer_state_bytes"} <= set().union(*records)
+
+    # Running the finished run again trains nothing, logs nothing and reports the recorded losses.
+    again = subprocess.run([sys.executable, "-m", "trainer.cli", "train", *overrides], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "run already complete at step 10" in again.stdout and "step 1/10" not in again.stdout
+    final_train = [r["train/loss"] for r in records if "train/loss" in r][-1]
+    final_eval = [r["eval/loss"] for r in records if "eval/loss" in r][-1]
+    assert f"final train loss {final_train:.4f}, eval loss {final_eval:.4f}" in again.stdout
+    assert (run / "metrics.jsonl").read_text().splitlines() == [json.dumps(r) for r in records]
 
 
 @pytest.mark.slow
