@@ -54,10 +54,8 @@ import multiprocessing as mp
 import os
 import platform
 import resource
-import shutil
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -66,27 +64,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from trainer.config_loader import override_args  # noqa: E402 (needs the repository on sys.path)
+from data.samples import copy_stdlib_sample  # noqa: E402 (needs the repository on sys.path)
+from trainer.config_loader import override_args  # noqa: E402
 
-# Standard-library packages copied as the text corpus (real text, present wherever Python is).
-CORPUS_MODULES = ("json", "email", "urllib", "http", "logging", "concurrent")
 MFU_TARGET = 0.40
 RATIO_TARGET = 1.0
 QUIET_BUSY = 0.05  # a round is "quiet" when other processes used less than this share of the CPU
 
 
 # ----------------------------------------------------------------------------- shared setup
-
-
-def make_corpus(directory: Path) -> Path:
-    """Copy the `.py` files of a few standard-library packages into `directory`."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in CORPUS_MODULES:
-        for src in sorted((stdlib / name).rglob("*.py")):
-            dst = directory / name / src.relative_to(stdlib / name)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-    return directory
 
 
 def wren_overrides(args: argparse.Namespace, dtype: str, work: Path, total_steps: int) -> list[str]:
@@ -578,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="wren_throughput_") as tmp:
         work = Path(tmp)
-        make_corpus(work / "corpus")
+        copy_stdlib_sample(work / "corpus")
         # Prepare (tokenize) the data once here, so that neither worker's memory or time includes it.
         from data import prepare_data
         from trainer.config import JobConfig

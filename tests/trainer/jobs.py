@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-import sysconfig
 from pathlib import Path
 
+from data.samples import copy_stdlib_sample
 from trainer.config_loader import override_args
-
-# A few real standard-library modules: real text, present wherever Python is.
-CORPUS_MODULES = ("json", "email", "urllib", "http", "logging", "concurrent")
 
 
 def make_corpus(directory: Path) -> Path:
-    """Copy a handful of standard-library packages into `directory` as a text corpus."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in CORPUS_MODULES:
-        for src in sorted((stdlib / name).rglob("*.py")):
-            dst = directory / name / src.relative_to(stdlib / name)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-    return directory
+    """A handful of standard-library packages copied into `directory` as a text corpus."""
+    return copy_stdlib_sample(directory)
 
 
 def tiny_overrides(corpus: Path, cache: Path, run_root: Path, name: str, **extra: object) -> list[str]:
