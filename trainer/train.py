@@ -99,7 +99,11 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.extensions.lr_scales)
         self.tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
         self.schedule = build_schedule(
-            cfg.schedule, peak_lr=cfg.optimizer.lr, total_steps=cfg.training.steps, tokens_per_step=self.tokens_per_step
+            cfg.schedule,
+            peak_lr=cfg.optimizer.lr,
+            total_steps=cfg.training.steps,
+            tokens_per_step=self.tokens_per_step,
+            seq_len=cfg.training.seq_len,
         )
         self.loader = TokenLoader(
             TokenShard(prepared.train_path),
