@@ -27,7 +27,7 @@ class ModelSpec:
         parallelize: `parallelize(model, mesh, *, activation_checkpointing, param_dtype,
             reduce_dtype) -> model`.
         hf_adapter: module with `to_hf_config`, `from_hf_config`, `to_hf_state_dict`,
-            `from_hf_state_dict`.
+            `from_hf_state_dict`, or None when the family has no Hugging Face equivalent.
     """
 
     name: str

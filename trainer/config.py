@@ -214,6 +214,8 @@ class JobConfig:
         if self.eval.batch_size % world_size:
             raise ConfigError(f"eval.batch_size: {self.eval.batch_size} is not divisible by the world size {world_size}")
         model_cfg = _checked("model", lambda: self.model.build_model_config(self.data.vocab_size))
+        if self.checkpoint.export_hf:
+            _checked("checkpoint", lambda: self._check_exportable(model_cfg))
         if self.training.seq_len > model_cfg.max_seq_len:
             raise ConfigError(
                 f"training.seq_len: {self.training.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
@@ -222,6 +224,20 @@ class JobConfig:
             raise ConfigError(
                 f"schedule.warmup_steps: {self.schedule.warmup_steps} exceeds training.steps {self.training.steps}"
             )
+
+    def _check_exportable(self, model_cfg: Any) -> None:
+        """`checkpoint.export_hf` needs a Hugging Face equivalent of the model as configured."""
+        from models import get_model_spec
+
+        adapter = get_model_spec(self.model.name).hf_adapter
+        if adapter is None:
+            raise ValueError(f"export_hf: model {self.model.name!r} has no Hugging Face equivalent")
+        if self.mup.enabled:
+            raise ValueError("export_hf: muP's multipliers have no Hugging Face Llama equivalent (mup.enabled = true)")
+        try:
+            adapter.to_hf_config(model_cfg)
+        except ValueError as err:
+            raise ValueError(f"export_hf: not exportable: model.{err}") from None
 
     def to_toml(self) -> str:
         """The resolved config as TOML (loadable again with `JobConfig.load`)."""

@@ -45,11 +45,19 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
     """Write `out_dir` with config.json, model.safetensors and tokenizer files; returns `out_dir`."""
     from models import get_model_spec
 
-    from transformers import AutoModelForCausalLM
-
     model, cfg, _ = load_model_from_run(run_dir, step)
     adapter = get_model_spec(cfg.model.name).hf_adapter
-    hf_model = AutoModelForCausalLM.from_config(adapter.to_hf_config(model.config))
+    if adapter is None:
+        raise UserError(f"export-hf: model {cfg.model.name!r} has no Hugging Face equivalent; its weights stay in {run_dir}/checkpoints")
+    if cfg.mup.enabled:
+        raise UserError("export-hf: the run trained under muP, whose multipliers have no Hugging Face Llama equivalent")
+    try:
+        hf_config = adapter.to_hf_config(model.config)
+    except ValueError as err:
+        raise UserError(f"export-hf: model.{err}") from None
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_config(hf_config)
     missing, unexpected = hf_model.load_state_dict(adapter.to_hf_state_dict(model.state_dict(), model.config), strict=False)
     tied = {"lm_head.weight"} if hf_model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:

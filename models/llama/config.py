@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.attention.hyper import HyperParams
+from models.attention.kinds import ATTENTION_KINDS
 from models.llama.rope import Llama3RopeScaling
 
 __all__ = ["LlamaConfig"]
@@ -32,6 +34,13 @@ class LlamaConfig:
         attention_scale: softmax temperature of q k^T; 0 = 1/sqrt(head_dim) (muP uses 1/head_dim).
         embedding_scale: multiplier on the token embedding's output (muP's input multiplier).
         logit_scale: multiplier on the output logits (muP's readout 1/width_mult).
+        attention: attention kind, a key of `models.attention.ATTENTION_KINDS`: "softmax" (exact)
+            or "hyper" (HyperAttention). Both have the same weights, so a checkpoint trained with
+            one runs with the other.
+        hyper_lsh_num_projs: HyperAttention's LSH hyperplanes (2^r buckets).
+        hyper_block_size: HyperAttention's keys per block of the block-diagonal part.
+        hyper_sample_size: HyperAttention's sampled residual key columns per head.
+        hyper_min_seq_len: HyperAttention is exact up to this many keys.
     """
 
     dim: int
@@ -52,6 +61,22 @@ class LlamaConfig:
     attention_scale: float = 0.0
     embedding_scale: float = 1.0
     logit_scale: float = 1.0
+    attention: str = "softmax"
+    # HyperAttention's defaults (Han et al. 2024, insuhan/hyper-attn README).
+    hyper_lsh_num_projs: int = 7
+    hyper_block_size: int = 256
+    hyper_sample_size: int = 256
+    hyper_min_seq_len: int = 4096
+
+    @property
+    def hyper_params(self) -> HyperParams:
+        """The HyperAttention parameters these fields describe."""
+        return HyperParams(
+            lsh_num_projs=self.hyper_lsh_num_projs,
+            block_size=self.hyper_block_size,
+            sample_size=self.hyper_sample_size,
+            min_seq_len=self.hyper_min_seq_len,
+        )
 
     @property
     def head_dim(self) -> int:
@@ -97,6 +122,12 @@ class LlamaConfig:
                 raise ValueError(f"n_kv_heads: must be a positive integer or None, got {self.n_kv_heads!r}")
             if self.n_heads % self.n_kv_heads != 0:
                 raise ValueError(f"n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention: must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
+        try:
+            self.hyper_params.validate()
+        except ValueError as err:
+            raise ValueError(f"hyper_{err}") from None
         self._validate_rope_scaling()
 
     def _validate_rope_scaling(self) -> None:

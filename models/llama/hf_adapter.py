@@ -66,6 +66,8 @@ def to_hf_config(cfg: LlamaConfig) -> transformers.LlamaConfig:
     for name, default in (("attention_scale", 0.0), ("embedding_scale", 1.0), ("logit_scale", 1.0)):
         if getattr(cfg, name) != default:
             raise ValueError(f"{name}: Hugging Face Llama has no equivalent of {name}={getattr(cfg, name)}")
+    if cfg.attention != "softmax":
+        raise ValueError(f"attention: Hugging Face Llama has no equivalent of attention={cfg.attention!r}")
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention import attention
+from models.attention import attention, build_attention_kind
+from models.llama.cache import KVCache
 from models.llama.config import LlamaConfig
 from models.llama.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -41,9 +42,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with RoPE and grouped-query heads (no biases)."""
+    """Causal self-attention with RoPE and grouped-query heads (no biases).
 
-    def __init__(self, config: LlamaConfig) -> None:
+    The attention itself is `kernel`, the kind `config.attention` names (exact softmax or
+    HyperAttention; `layer_id` seeds HyperAttention's hyperplanes). Incremental decoding with a
+    KV cache always uses exact attention for the new queries against the cache.
+    """
+
+    def __init__(self, config: LlamaConfig, layer_id: int = 0) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.kv_heads
@@ -53,22 +59,40 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.kernel = build_attention_kind(config.attention, self.head_dim, config.hyper_params, seed=layer_id)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x (B, T, dim) -> (B, T, dim)."""
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
-        out = attention(q, k, v, causal=True, scale=self.scale)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        return q, k, v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x (B, T, dim) -> (B, T, dim)."""
+        q, k, v = self._qkv(x, cos, sin)
+        out = self.kernel(q, k, v, causal=True, scale=self.scale)
+        return self.wo(out.transpose(1, 2).reshape(*x.shape[:2], -1))
+
+    def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
+        """x (B, t, dim) at positions start .. start + t - 1; writes their k, v into the cache."""
+        end = start + x.shape[1]
+        q, k, v = self._qkv(x, cos[start:end], sin[start:end])
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        if start == 0:  # prefill: the configured kind, as in training
+            out = self.kernel(q, k, v, causal=True, scale=self.scale)
+        else:
+            out = attention(q, keys[:, :, :end], values[:, :, :end], causal=True, scale=self.scale)
+        return self.wo(out.transpose(1, 2).reshape(*x.shape[:2], -1))
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         """Normal init; the output projection gets the depth-scaled `out_std`."""
         for linear in (self.wq, self.wk, self.wv):
             nn.init.normal_(linear.weight, mean=0.0, std=std)
         nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
+        self.kernel.init_weights()
 
 
 class FeedForward(nn.Module):
@@ -94,16 +118,21 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_id: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, layer_id)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x (B, T, dim) -> (B, T, dim)."""
         h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
+        """`forward` for new positions start .. start + t - 1, reading and extending the KV cache."""
+        h = x + self.attention.forward_cached(self.attention_norm(x), cos, sin, keys, values, start)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, *, std: float, out_std: float) -> None:
@@ -133,7 +162,7 @@ class Llama(nn.Module):
         self.config = config
         with torch.device("meta"):
             self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-            self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+            self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
             self.norm = RMSNorm(config.dim, config.norm_eps)
             self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
             self.register_buffer("rope_cos", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
@@ -147,11 +176,43 @@ class Llama(nn.Module):
             raise ValueError(f"tokens: expected shape (batch, seq_len), got {tuple(tokens.shape)}")
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"max_seq_len: sequence of {tokens.shape[1]} tokens exceeds {self.config.max_seq_len}")
+        h = self._embed(tokens)
+        for layer in self.layers:
+            h = layer(h, self.rope_cos, self.rope_sin)
+        return self._logits(h)
+
+    def make_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """An empty KV cache for `forward_cached` (the generation interface, trainer/generate.py)."""
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's {self.config.max_seq_len}")
+        weight = self.tok_embeddings.weight
+        return KVCache.allocate(
+            self.config.n_layers, batch_size, self.config.kv_heads, max_seq_len, self.config.head_dim,
+            dtype=weight.dtype, device=weight.device,
+        )
+
+    def forward_cached(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """Logits (B, t, V) of `tokens` (B, t) continuing the cached context; extends the cache.
+
+        Equal to the last t rows of `forward` on the whole context (exact attention for the new
+        queries; the first call, the prefill, uses the configured attention kind).
+        """
+        start, end = cache.seq_len, cache.seq_len + tokens.shape[1]
+        if end > cache.max_seq_len:
+            raise ValueError(f"max_seq_len: the cache holds {cache.max_seq_len} positions, {end} requested")
+        h = self._embed(tokens)
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
+            h = layer.forward_cached(h, self.rope_cos, self.rope_sin, keys, values, start)
+        cache.seq_len = end
+        return self._logits(h)
+
+    def _embed(self, tokens: Tensor) -> Tensor:
         h = self.tok_embeddings(tokens)
         if self.config.embedding_scale != 1.0:
             h = h * self.config.embedding_scale
-        for layer in self.layers:
-            h = layer(h, self.rope_cos, self.rope_sin)
+        return h
+
+    def _logits(self, h: Tensor) -> Tensor:
         h = self.norm(h)
         if self.output is None:
             logits = F.linear(h, self.tok_embeddings.weight)

@@ -66,7 +66,7 @@ def test_bad_inputs_and_names(restore_backend):
         attention(q, k, v)
     with pytest.raises(ValueError, match="4-d"):
         attention(q[0], k[0], v[0])
-    with pytest.raises(ValueError, match="unknown attention backend 'nope'; known: auto, sdpa, flash"):
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'; known: auto, sdpa, flash, math"):
         set_attention_backend("nope")
 
 

@@ -108,7 +108,7 @@ def test_flops_per_token_matches_flop_counter(tied, n_kv_heads, monkeypatch, ref
     matmul_weights = linear_weights + tied * cfg.vocab_size * cfg.dim  # a tied output is still a matmul
     assert model.flops_per_token(seq_len) == 6 * matmul_weights + attention_term
     assert counted_per_token() == model.flops_per_token(seq_len) - attention_term
-    monkeypatch.setattr("models.llama.model.attention", reference_attention)
+    monkeypatch.setattr("models.attention.kinds.attention", reference_attention)
     assert counted_per_token() == model.flops_per_token(seq_len)
 
 

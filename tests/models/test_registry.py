@@ -23,7 +23,7 @@ def test_llama_spec_is_registered_with_its_parts():
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="^unknown model 'x'; known: llama$"):
+    with pytest.raises(ValueError, match="^unknown model 'x'; known: based, lizard, llama$"):
         get_model_spec("x")
 
 

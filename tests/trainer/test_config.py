@@ -60,6 +60,22 @@ def test_bad_values_name_the_key(override, key):
     assert str(err.value).startswith(key), str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--checkpoint.export_hf=true", "--model.name=based"],
+        ["--checkpoint.export_hf=true", "--mup.enabled=true", "--mup.base_dim=64"],
+        ["--checkpoint.export_hf=true", "--model.attention=\"hyper\""],
+    ],
+    ids=["no-hf-architecture", "mup", "hyper-attention"],
+)
+def test_export_hf_is_refused_up_front_for_models_hugging_face_cannot_hold(overrides):
+    with pytest.raises(ConfigError) as err:
+        JobConfig.load(None, overrides)
+    assert str(err.value).startswith("checkpoint.export_hf"), str(err.value)
+    JobConfig.load(None, overrides[1:])  # the same model without the export is fine
+
+
 def test_batch_must_divide_by_world_size():
     with pytest.raises(ConfigError, match=r"^training.global_batch_size: 8 is not divisible by the world size 3"):
         JobConfig.load(None, [], world_size=3)
