@@ -13,11 +13,12 @@ class DataConfig:
 
     Fields:
         source: corpus source registry name (see `data.sources.SOURCES`).
-        paths: files or directories for the `text`, `jsonl` and `hf_dataset` sources; empty for
-            `stdlib`.
+        paths: files or directories for the `text`, `jsonl` and `hf_dataset` sources; dataset
+            prefixes (PREFIX for PREFIX.bin / PREFIX.idx) for `megatron`; empty for `stdlib`.
         text_field: JSONL key / Hugging Face dataset column holding the document text.
         vocab_size: number of pieces of the trained sentencepiece tokenizer.
-        tokenizer_path: an existing sentencepiece `.model` to use instead of training one.
+        tokenizer_path: an existing sentencepiece `.model` to use instead of training one;
+            required by pre-tokenized sources (`megatron`), whose ids it must have produced.
         val_fraction: fraction of documents held out for validation (whole documents, never a
             part of one); at least one document is always held out.
         cache_dir: directory holding prepared data, one subdirectory per input fingerprint.
@@ -49,6 +50,10 @@ class DataConfig:
             raise ValueError(
                 f"vocab_size: must be between {MIN_VOCAB_SIZE} and {MAX_VOCAB_SIZE}, "
                 f"got {self.vocab_size}"
+            )
+        if getattr(SOURCES[self.source], "tokenized", False) and not self.tokenizer_path:
+            raise ValueError(
+                f"tokenizer_path: source {self.source!r} holds token ids; name the tokenizer that produced them"
             )
         if self.tokenizer_path and not Path(self.tokenizer_path).is_file():
             raise ValueError(f"tokenizer_path: {self.tokenizer_path!r} is not a file")

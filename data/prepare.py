@@ -112,7 +112,10 @@ def split_documents(
 
 def _build(cfg: DataConfig, key: str, out: Path, log: Callable[[str], None]) -> None:
     start = time.perf_counter()
-    num_documents = sum(1 for _ in _nonempty_documents(cfg))
+    source = SOURCES[cfg.source]
+    tokenized = getattr(source, "tokenized", False)  # documents arrive as token ids (megatron)
+    documents = source.token_documents(cfg) if tokenized else _nonempty_documents(cfg)
+    num_documents = sum(1 for _ in documents)
     if num_documents < 2:
         raise ValueError(
             f"source {cfg.source!r} (paths {cfg.paths}) has {num_documents} non-empty "
@@ -126,7 +129,10 @@ def _build(cfg: DataConfig, key: str, out: Path, log: Callable[[str], None]) -> 
     tokenizer = _make_tokenizer(cfg, out / TOKENIZER_FILE, is_train, log)
 
     val_ids: dict[int, str] = {}
-    encoded = _encode(_nonempty_documents(cfg), tokenizer, num_documents, ~is_train, val_ids, log)
+    if tokenized:
+        encoded = _as_given(source.token_documents(cfg), num_documents, ~is_train, val_ids)
+    else:
+        encoded = _encode(_nonempty_documents(cfg), tokenizer, num_documents, ~is_train, val_ids, log)
     everything = write_shard(out / "all", encoded, tokenizer.vocab_size)
     train = write_shard(out / "train", map(everything.document, train_order), tokenizer.vocab_size)
     val = write_shard(out / "val", map(everything.document, val_order), tokenizer.vocab_size)
@@ -177,6 +183,22 @@ def _make_tokenizer(
             "(the vocab_size setting does not apply)"
         )
     return tokenizer
+
+
+def _as_given(
+    documents: Iterator[tuple[str, np.ndarray]], num_documents: int, is_val: np.ndarray, val_ids: dict[int, str]
+) -> Iterator[np.ndarray]:
+    """Yield pre-tokenized documents unchanged, recording the ids of validation documents."""
+    done = 0
+    for index, (doc_id, ids) in enumerate(documents):
+        if index >= num_documents:
+            raise ValueError("the corpus changed while it was being prepared; run again")
+        if is_val[index]:
+            val_ids[index] = doc_id
+        done += 1
+        yield ids
+    if done != num_documents:
+        raise ValueError("the corpus changed while it was being prepared; run again")
 
 
 def _batched(documents: Iterator[Document], max_chars: int) -> Iterator[list[Document]]:

@@ -255,3 +255,8 @@ def _load_dataset(path: str, text_field: str):
             f"{path}: no column {text_field!r} (text_field); columns: {loaded.column_names}"
         )
     return loaded.select_columns([text_field])
+
+
+# Registers the "megatron" source (pre-tokenized Megatron-LM indexed datasets); megatron-core
+# itself is imported only when such a dataset is read.
+import data.megatron  # noqa: E402,F401

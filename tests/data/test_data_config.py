@@ -23,7 +23,7 @@ def test_valid_file_sources(tmp_path):
 
 # "{tmp}" in a setting stands for the test's tmp_path, which holds a regular file "a_file.txt".
 BAD_SETTINGS = [
-    ({"source": "xml"}, "source: unknown source 'xml'; known: hf_dataset, jsonl, stdlib, text"),
+    ({"source": "xml"}, "source: unknown source 'xml'; known: hf_dataset, jsonl, megatron, stdlib, text"),
     ({"source": "text", "paths": ["nope.txt"]}, "paths: 'nope.txt' does not exist"),
     ({"source": "jsonl"}, "paths: must list at least one"),
     ({"paths": ["{tmp}/a_file.txt"]}, "paths: must be empty for source 'stdlib'"),

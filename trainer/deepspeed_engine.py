@@ -1,0 +1,172 @@
+"""DeepSpeed ZeRO as the training engine (`parallel.engine = "deepspeed"`), an alternative to FSDP2.
+
+The model, data, loader, schedule, metrics and checkpoint directory layout are wren's own; what
+differs from the FSDP2 engine:
+
+- the model is built unsharded and handed, with wren's optimizer, to `deepspeed.initialize`, which
+  partitions the optimizer state (ZeRO stage 1) and the gradients (stage 2) over the ranks, and can
+  keep the optimizer state in CPU memory (`parallel.offload_optimizer`);
+- gradient accumulation over micro-batches and clipping (`training.grad_clip_norm`) are done by
+  DeepSpeed (`gradient_accumulation_steps`, `gradient_clipping`); the lr still comes from wren's
+  schedule every step;
+- a step with a non-finite loss is not skipped: the run halts before the update (the last
+  checkpoint stays valid);
+- checkpoints are DCP checkpoints as always, but each rank saves its own ZeRO partition of the
+  optimizer state (keys `optim/rank<r>/...`), so a DeepSpeed checkpoint resumes only at the same
+  world size and ZeRO stage, and an FSDP2 checkpoint cannot resume under DeepSpeed or the reverse.
+  The weights (`model_optim/model/...`) are saved whole, by name, as FSDP2 saves them.
+
+ZeRO stage 3 (parameter partitioning) is not supported yet: its parameters live only as
+partitions, which this engine's checkpoints do not handle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.stateful import Stateful
+
+from trainer.config import JobConfig
+from trainer.distributed import DistEnv
+from trainer.errors import ConfigError, NonFiniteError
+from trainer.train import StepResult, Trainer
+
+SUPPORTED_STAGES = (1, 2)
+NEVER_PRINT_STEPS = 2**31 - 1  # DeepSpeed's own progress lines are off: wren logs its metrics
+
+
+def deepspeed_config(cfg: JobConfig, world_size: int, micro_batch_size: int, accumulation_steps: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for a wren job (batch shape, ZeRO stage, offload, clipping, dtype)."""
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps,
+        "train_batch_size": micro_batch_size * accumulation_steps * world_size,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # wren's optimizers (fused AdamW, GaLore, ...) are torch optimizers
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": cfg.training.dtype == "bfloat16"},
+        "steps_per_print": NEVER_PRINT_STEPS,
+    }
+    if cfg.training.grad_clip_norm:
+        config["gradient_clipping"] = cfg.training.grad_clip_norm
+    return config
+
+
+class ZeroState(Stateful):
+    """Weights by name plus this rank's ZeRO partition of the fp32 master weights and optimizer moments."""
+
+    def __init__(self, engine, rank: int):
+        self.engine = engine
+        self.rank = rank
+
+    def _partitions(self):
+        zero = self.engine.optimizer
+        return zip(zero.single_partition_of_fp32_groups, range(len(zero.single_partition_of_fp32_groups)))
+
+    def state_dict(self) -> dict[str, Any]:
+        base = self.engine.optimizer.optimizer
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for partition, index in self._partitions():
+            state = base.state.get(partition, {})
+            groups[f"group{index}"] = {
+                "fp32": partition.detach(),
+                "exp_avg": state.get("exp_avg", torch.zeros_like(partition)),
+                "exp_avg_sq": state.get("exp_avg_sq", torch.zeros_like(partition)),
+                "step": torch.as_tensor(state.get("step", 0.0), dtype=torch.float32).reshape(()),
+            }
+        return {"model": self.engine.module.state_dict(), f"optim/rank{self.rank}": groups}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.module.load_state_dict(state["model"], strict=True)
+        base = self.engine.optimizer.optimizer
+        groups = state[f"optim/rank{self.rank}"]
+        with torch.no_grad():
+            for partition, index in self._partitions():
+                saved = groups[f"group{index}"]
+                if saved["fp32"].shape != partition.shape:
+                    raise ValueError(
+                        f"the ZeRO partition of group {index} has shape {tuple(saved['fp32'].shape)}, this run "
+                        f"{tuple(partition.shape)}: resume at the world size and ZeRO stage it was saved with"
+                    )
+                partition.copy_(saved["fp32"])
+                base.state[partition] = {
+                    "step": saved["step"].clone(),
+                    "exp_avg": saved["exp_avg"].clone(),
+                    "exp_avg_sq": saved["exp_avg_sq"].clone(),
+                }
+
+
+class DeepSpeedTrainer(Trainer):
+    """wren's trainer with the model and optimizer wrapped by a DeepSpeed ZeRO engine."""
+
+    def __init__(self, cfg: JobConfig, env: DistEnv):
+        if cfg.parallel.zero_stage not in SUPPORTED_STAGES:
+            raise ConfigError(
+                f"parallel.zero_stage: the deepspeed engine supports stages {', '.join(map(str, SUPPORTED_STAGES))}, "
+                f"got {cfg.parallel.zero_stage}"
+            )
+        if env.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        # DeepSpeed reads the rank layout from torchrun's variables; SLURM tasks and single processes lack them.
+        for name, value in (("LOCAL_RANK", env.local_rank), ("RANK", env.rank), ("WORLD_SIZE", env.world_size)):
+            os.environ.setdefault(name, str(value))
+        if not dist.is_initialized():  # DeepSpeed needs a process group, even of one
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        mesh, env.mesh = env.mesh, None  # build the model unsharded: ZeRO partitions it, not FSDP2
+        try:
+            super().__init__(cfg, env)
+        finally:
+            env.mesh = mesh
+        self.micro_batch_size = cfg.training.micro_batch_size or self.local_batch_size
+        self.accumulation_steps = self.local_batch_size // self.micro_batch_size
+        ds_config = deepspeed_config(cfg, env.world_size, self.micro_batch_size, self.accumulation_steps)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, config=ds_config, dist_init_required=False
+        )
+        self.model = self.engine
+        offload = ", optimizer state offloaded to CPU" if cfg.parallel.offload_optimizer else ""
+        self.log(f"wren: DeepSpeed ZeRO stage {cfg.parallel.zero_stage} over {env.world_size} rank(s){offload}")
+
+    def checkpoint_state(self) -> dict:
+        state = super().checkpoint_state()
+        state["model_optim"] = ZeroState(self.engine, self.env.rank)
+        return state
+
+    def train_step(self, batch: torch.Tensor) -> StepResult:
+        """Forward and backward per micro-batch through the engine; DeepSpeed clips and steps at the end."""
+        step = self.progress.step
+        lr = self.schedule.lr(step, tokens_seen=step * self.tokens_per_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        chunks = batch.to(self.env.device).split(self.micro_batch_size)
+        loss_sum = 0.0
+        for index, chunk in enumerate(chunks):
+            with self._autocast():
+                logits = self.engine(chunk[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten())
+            self.engine.backward(loss)  # scaled by 1 / gradient_accumulation_steps inside
+            loss_sum += loss.item()
+            if index == len(chunks) - 1:
+                (loss_total,) = self.env.all_reduce_sum([loss_sum / len(chunks)])
+                loss_mean = loss_total / self.env.world_size
+                if not math.isfinite(loss_mean):
+                    raise NonFiniteError(
+                        f"step {step + 1}: non-finite loss {loss_mean} under the deepspeed engine, which does not "
+                        "skip steps; halting before the update. The last checkpoint is still valid."
+                    )
+            self.engine.step()  # an optimizer step only at the accumulation boundary
+        grad_norm = float(self.engine.get_global_grad_norm())
+        self.progress.step += 1
+        for hook in self.extensions.step_hooks:
+            hook(self.progress.step)
+        return StepResult(loss=loss_mean, grad_norm=grad_norm, lr=lr, skipped=False)
