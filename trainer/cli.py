@@ -133,12 +133,21 @@ def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _is_override(arg: str) -> bool:
+    """Whether `arg` is a config override `--section.key=value`."""
+    return arg.startswith("--") and "=" in arg and "." in arg.split("=", 1)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `wren COMMAND ...`; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = argv[0] if argv and argv[0] in COMMANDS else ""
     parser = build_parser(chosen)
-    args, extra = parser.parse_known_args(argv)
+    # `--section.key=value` overrides go around argparse, which takes an option containing a space
+    # (`--data.text_field="a b"`) for a positional argument.
+    overrides = [arg for arg in argv[1:] if _is_override(arg)]
+    args, extra = parser.parse_known_args([arg for arg in argv if not _is_override(arg)])
+    extra += overrides
     _, _, fn = COMMANDS[args.command]
     try:
         return fn(args, extra)

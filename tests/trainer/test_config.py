@@ -95,6 +95,7 @@ def test_override_syntax():
         (["configs/tiny.toml", "--model.n_heads=5"], "model.n_heads"),
         (["configs/tiny.toml", "--training.global_batch_size=lots"], "training.global_batch_size"),
         (["no/such/config.toml"], "config file 'no/such/config.toml' does not exist"),
+        (["--training.steps=two hundred"], "training.steps"),  # a value with a space is still an override
     ],
 )
 def test_cli_rejects_bad_config_with_one_line_and_exit_2(argv, key, tmp_path):
