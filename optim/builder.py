@@ -1,16 +1,24 @@
 """Optimizers by name: a registry of builders that take a config and the model's parameters.
 
-Later methods (GaLore, Fira, low-rank, sparse selection) register here and pick their parameter
-groups by name; the trainer only ever calls `build_optimizer`.
+Methods register here and pick their parameter groups by name; the trainer only ever calls
+`build_optimizer`. Registered: `adamw`, `sgd`, and the memory-efficient family of issue 4, all
+`optim.galore.ProjectedAdamW`: `galore` (projected moments), `fira` (GaLore plus Fira's residual)
+and `lowrank` (Adam on the factors of `optim.lowrank`). The family shares momentum reset
+(`reset_every_steps`) and, on factorised models, weight refactorization.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+
+from optim.fira import FiraConfig
+from optim.galore import GaLoreConfig, ProjectedAdamW
+from optim.lowrank import LowRankConfig, LowRankLinear
 
 OPTIMIZERS: dict[str, Callable[["OptimizerConfig", list[dict]], torch.optim.Optimizer]] = {}
 
@@ -35,10 +43,35 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1  # decoupled; not applied to norms, biases or embeddings
+    # Momentum reset (galore, fira, lowrank): zero moments and step counts every this many steps;
+    # 0 = never (Glentis et al. 2025, Sec. 4: every 200 steps).
+    reset_every_steps: int = 0
+    # After each reset the lr ramps from 0.001x to 1x over this many steps (reference recovery_steps 10).
+    reset_warmup_steps: int = 10
+    galore: GaLoreConfig = field(default_factory=GaLoreConfig)  # projection of galore and fira
+    fira: FiraConfig = field(default_factory=FiraConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)  # factorised weights (rank 0 = off)
 
     def validate(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"name: unknown optimizer {self.name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
+        self.galore.validate()
+        self.fira.validate()
+        self.lowrank.validate()
+        if self.name == "lowrank" and self.lowrank.rank == 0:
+            raise ValueError('lowrank.rank: must be positive with name = "lowrank", got 0')
+        family = ", ".join(MEMORY_EFFICIENT)
+        if self.name not in MEMORY_EFFICIENT:
+            if self.lowrank.rank:
+                raise ValueError(
+                    f"lowrank.rank: factorised weights need name = one of {family}, got name {self.name!r}"
+                )
+            if self.reset_every_steps:
+                raise ValueError(f"reset_every_steps: momentum reset needs name = one of {family}, got {self.name!r}")
+        if self.reset_every_steps < 0:
+            raise ValueError(f"reset_every_steps: must be 0 or positive, got {self.reset_every_steps}")
+        if self.reset_warmup_steps < 0:
+            raise ValueError(f"reset_warmup_steps: must be 0 or positive, got {self.reset_warmup_steps}")
         if not self.lr > 0:
             raise ValueError(f"lr: must be positive, got {self.lr}")
         for key in ("beta1", "beta2"):
@@ -50,31 +83,58 @@ class OptimizerConfig:
             raise ValueError(f"weight_decay: must be 0 or positive, got {self.weight_decay}")
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+# The optimizers built on ProjectedAdamW (momentum reset, refactorization of factorised weights).
+MEMORY_EFFICIENT = ("galore", "fira", "lowrank")
+PROJECTING = ("galore", "fira")  # those whose groups mark GaLore-projected parameters
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_scales: dict[str, float] | None = None,
+    projected: Callable[[str, torch.Tensor], bool] | None = None,
+) -> list[dict]:
     """Split trainable parameters into decayed matrices and undecayed vectors and embeddings.
 
     `lr_scales` (parameter name -> multiplier on the scheduled lr, e.g. muP's per-width scaling)
     splits the groups further; each group carries its multiplier as `lr_scale`, which the trainer
-    applies whenever it sets the lr. Empty groups are dropped.
+    applies whenever it sets the lr. `projected(name, param)`, when given, splits them once more
+    and marks each group `projected` True or False (GaLore's targets). Empty groups are dropped.
     """
     lr_scales = lr_scales or {}
-    groups: dict[tuple[bool, float], list] = {}
+    groups: dict[tuple[bool, float, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decayed = not (param.ndim < 2 or "embedding" in name)
-        groups.setdefault((decayed, lr_scales.get(name, 1.0)), []).append(param)
-    return [
-        {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
-        for (decayed, scale), params in groups.items()
-    ]
+        is_projected = projected is not None and projected(name, param)
+        groups.setdefault((decayed, lr_scales.get(name, 1.0), is_projected), []).append(param)
+    out = []
+    for (decayed, scale, is_projected), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+        if projected is not None:
+            group["projected"] = is_projected
+        out.append(group)
+    return out
+
+
+def galore_targets(patterns: list[str]) -> Callable[[str, torch.Tensor], bool]:
+    """Predicate: a 2-D parameter whose name matches one of the fnmatch `patterns`."""
+    return lambda name, param: param.ndim == 2 and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def build_optimizer(
     cfg: OptimizerConfig, model: nn.Module, lr_scales: dict[str, float] | None = None
 ) -> torch.optim.Optimizer:
     """Build the configured optimizer over `model`'s trainable parameters."""
-    return OPTIMIZERS[cfg.name](cfg, param_groups(model, cfg.weight_decay, lr_scales))
+    projected = galore_targets(cfg.galore.target_patterns) if cfg.name in PROJECTING else None
+    groups = param_groups(model, cfg.weight_decay, lr_scales, projected)
+    if projected is not None and not any(g["projected"] for g in groups):
+        raise ValueError(f"optimizer.galore.target_patterns: no 2-D parameter matches {cfg.galore.target_patterns}")
+    optimizer = OPTIMIZERS[cfg.name](cfg, groups)
+    if isinstance(optimizer, ProjectedAdamW) and cfg.lowrank.refactor_every_steps:
+        optimizer.track_low_rank([m for m in model.modules() if isinstance(m, LowRankLinear)])
+    return optimizer
 
 
 @register_optimizer("adamw")
@@ -88,3 +148,35 @@ def _adamw(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
 @register_optimizer("sgd")
 def _sgd(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
+
+
+def _projected_adamw(cfg: OptimizerConfig, groups: list[dict], *, fira: bool) -> ProjectedAdamW:
+    return ProjectedAdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        rank=cfg.galore.rank,
+        update_proj_gap=cfg.galore.update_proj_gap_steps,
+        scale=cfg.galore.scale,
+        align_signs=cfg.galore.align_signs,
+        fira_gamma=cfg.fira.limiter_gamma if fira else None,
+        reset_every_steps=cfg.reset_every_steps,
+        reset_warmup_steps=cfg.reset_warmup_steps,
+        refactor_every_steps=cfg.lowrank.refactor_every_steps,
+    )
+
+
+@register_optimizer("galore")
+def _galore(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    return _projected_adamw(cfg, groups, fira=False)
+
+
+@register_optimizer("fira")
+def _fira(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    return _projected_adamw(cfg, groups, fira=True)
+
+
+@register_optimizer("lowrank")
+def _lowrank(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    return _projected_adamw(cfg, groups, fira=False)
