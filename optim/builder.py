@@ -180,3 +180,10 @@ def _fira(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
 @register_optimizer("lowrank")
 def _lowrank(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
     return _projected_adamw(cfg, groups, fira=False)
+
+
+@register_optimizer("adamw8bit")
+def _adamw8bit(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    from optim.adamw8bit import AdamW8bit
+
+    return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

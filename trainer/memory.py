@@ -87,6 +87,17 @@ def _adamw_state(cfg, name: str, shape: torch.Size, world: int, itemsize: int) -
     return 2 * local_numel(shape, world) * itemsize + STEP_BYTES
 
 
+def _adamw8bit_state(cfg, name: str, shape: torch.Size, world: int, itemsize: int) -> int:
+    from optim.adamw8bit import MIN_8BIT_SIZE, AdamW8bit
+    from optim.blockwise_quant import BLOCK_SIZE
+
+    if not AdamW8bit.quantizes(torch.empty(shape, device="meta"), MIN_8BIT_SIZE):
+        return _adamw_state(cfg, name, shape, world, 4)  # float32 moments
+    rows = shard_rows(shape[0], world)
+    scales = rows * -(-shape[1] // BLOCK_SIZE) * 4  # one float32 absmax per block, per moment
+    return 2 * (rows * shape[1] + scales) + STEP_BYTES  # uint8 codes, per moment
+
+
 def _sgd_state(cfg, name: str, shape: torch.Size, world: int, itemsize: int) -> int:
     return local_numel(shape, world) * itemsize if cfg.beta1 > 0 else 0
 
@@ -113,6 +124,7 @@ def _projected_state(cfg, name: str, shape: torch.Size, world: int, itemsize: in
 
 OPTIMIZER_STATE: dict[str, StateModel] = {
     "adamw": _adamw_state,
+    "adamw8bit": _adamw8bit_state,
     "sgd": _sgd_state,
     "galore": _projected_state,
     "fira": _projected_state,
