@@ -10,20 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_on_ranks
-from tests.trainer.jobs import losses, make_corpus
+from tests.trainer.jobs import losses
 from trainer.config_loader import override_args
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "based_tiny.toml"
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("based_data_cache")
 
 
 def _overrides(corpus: Path, cache: Path, root: Path, name: str, **extra: object) -> list[str]:

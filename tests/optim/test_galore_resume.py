@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.distributed import run_on_ranks
-from tests.trainer.jobs import losses, make_corpus, tiny_overrides, train_job
+from tests.trainer.jobs import losses, tiny_overrides, train_job
 
 METHODS = {
     # GaLore projection (refresh every 3 steps) with Fira's residual on a factorised model with
@@ -21,15 +21,6 @@ METHODS = {
     ),
 }
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data_cache")
 
 
 def run(corpus, cache, root, name, world, steps, method):
