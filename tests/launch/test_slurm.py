@@ -53,8 +53,10 @@ def test_torchrun_job_is_preempted_requeued_and_matches_one_process(slurm, corpu
     wait_until(requeued, "the job to requeue itself", timeout_s=300)
     stopped_at = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert 3 <= stopped_at < steps
-    # A requeued job waits about two minutes before it is eligible again; start it now.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm, timeout=60)
+    # A requeued job waits about two minutes before it is eligible again; start it sooner, but not in
+    # the second of the requeue: slurmd compares credentials with the revocation time to the second,
+    # and kills a restart whose new credential is that old ("Job credential revoked").
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=True, env=slurm, timeout=60)
     state = wait_for_job_state(job, ENDED, slurm)
 
     out = job_output(tmp_path, job)
