@@ -116,6 +116,7 @@ module_command("mup-check", "muP coordinate check: activation scales over widths
 module_command("sweep", "run a grid of training runs and fit scaling laws to their results", "launch.sweep")
 module_command("generate", "sample text from a trained run", "trainer.generate")
 module_command("linearize", "turn a trained softmax Llama into a Lizard linear-attention model", "models.lizard.linearize")
+module_command("compose", "add sparse fine-tuning deltas (LT-SFT, SpIEL) to a base model and write the result", "models.peft.compose")
 
 
 def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:

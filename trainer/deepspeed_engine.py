@@ -4,40 +4,51 @@ The model, data, loader, schedule, metrics and checkpoint directory layout are w
 differs from the FSDP2 engine:
 
 - the model is built unsharded and handed, with wren's optimizer, to `deepspeed.initialize`, which
-  partitions the optimizer state (ZeRO stage 1) and the gradients (stage 2) over the ranks, and can
-  keep the optimizer state in CPU memory (`parallel.offload_optimizer`);
+  partitions the optimizer state (ZeRO stage 1), also the gradients (stage 2), and also the
+  parameters (stage 3, gathered per module for its forward and backward) over the ranks, and can
+  keep the optimizer state in CPU memory (`parallel.offload_optimizer`, any stage). The model is
+  built whole on every rank first (no `deepspeed.zero.Init`), so under stage 3 each rank must still
+  hold the whole model once, at start;
+- only optimizers whose state is element-wise and known to `deepspeed_state.OPTIMIZER_STATE_KEYS`
+  run under it (AdamW): ZeRO flattens and partitions that state;
 - gradient accumulation over micro-batches and clipping (`training.grad_clip_norm`) are done by
   DeepSpeed (`gradient_accumulation_steps`, `gradient_clipping`); the lr still comes from wren's
   schedule every step;
 - a step with a non-finite loss is not skipped: the run halts before the update (the last
   checkpoint stays valid);
-- checkpoints are DCP checkpoints as always, but each rank saves its own ZeRO partition of the
-  optimizer state (keys `optim/rank<r>/...`), so a DeepSpeed checkpoint resumes only at the same
-  world size and ZeRO stage, and an FSDP2 checkpoint cannot resume under DeepSpeed or the reverse.
-  The weights (`model_optim/model/...`) are saved whole, by name, as FSDP2 saves them.
-
-ZeRO stage 3 (parameter partitioning) is not supported yet: its parameters live only as
-partitions, which this engine's checkpoints do not handle.
+- checkpoints are DCP checkpoints with the FSDP2 engine's keys: the fp32 master weights and the
+  Adam moments whole, by parameter name (`trainer.deepspeed_state`, which also says what gathering
+  them costs), so they resume at any world size, under any ZeRO stage, and under either engine;
+- under stage 3 the module's parameters are empty placeholders between forwards, so the logged
+  `memory/param_bytes` counts none of them and the finite-weights check before a checkpoint sees
+  none of them (the saved weights are the gathered fp32 masters).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.stateful import Stateful
 
 from trainer.config import JobConfig
+from trainer.deepspeed_state import OPTIMIZER_STATE_KEYS, NamedZeroState
 from trainer.distributed import DistEnv
 from trainer.errors import ConfigError, NonFiniteError
 from trainer.train import StepResult, Trainer
 
-SUPPORTED_STAGES = (1, 2)
 NEVER_PRINT_STEPS = 2**31 - 1  # DeepSpeed's own progress lines are off: wren logs its metrics
+
+# DeepSpeed 0.19 calls these torch collectives on every ZeRO-3 gather and reduce; torch warns each time.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    category=FutureWarning,
+)
 
 
 def deepspeed_config(cfg: JobConfig, world_size: int, micro_batch_size: int, accumulation_steps: int) -> dict[str, Any]:
@@ -50,7 +61,7 @@ def deepspeed_config(cfg: JobConfig, world_size: int, micro_batch_size: int, acc
         "gradient_accumulation_steps": accumulation_steps,
         "train_batch_size": micro_batch_size * accumulation_steps * world_size,
         "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # wren's optimizers (fused AdamW, GaLore, ...) are torch optimizers
+        "zero_allow_untested_optimizer": True,  # wren's AdamW is torch's (fused), not one of DeepSpeed's
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": cfg.training.dtype == "bfloat16"},
         "steps_per_print": NEVER_PRINT_STEPS,
@@ -60,58 +71,14 @@ def deepspeed_config(cfg: JobConfig, world_size: int, micro_batch_size: int, acc
     return config
 
 
-class ZeroState(Stateful):
-    """Weights by name plus this rank's ZeRO partition of the fp32 master weights and optimizer moments."""
-
-    def __init__(self, engine, rank: int):
-        self.engine = engine
-        self.rank = rank
-
-    def _partitions(self):
-        zero = self.engine.optimizer
-        return zip(zero.single_partition_of_fp32_groups, range(len(zero.single_partition_of_fp32_groups)))
-
-    def state_dict(self) -> dict[str, Any]:
-        base = self.engine.optimizer.optimizer
-        groups: dict[str, dict[str, torch.Tensor]] = {}
-        for partition, index in self._partitions():
-            state = base.state.get(partition, {})
-            groups[f"group{index}"] = {
-                "fp32": partition.detach(),
-                "exp_avg": state.get("exp_avg", torch.zeros_like(partition)),
-                "exp_avg_sq": state.get("exp_avg_sq", torch.zeros_like(partition)),
-                "step": torch.as_tensor(state.get("step", 0.0), dtype=torch.float32).reshape(()),
-            }
-        return {"model": self.engine.module.state_dict(), f"optim/rank{self.rank}": groups}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.engine.module.load_state_dict(state["model"], strict=True)
-        base = self.engine.optimizer.optimizer
-        groups = state[f"optim/rank{self.rank}"]
-        with torch.no_grad():
-            for partition, index in self._partitions():
-                saved = groups[f"group{index}"]
-                if saved["fp32"].shape != partition.shape:
-                    raise ValueError(
-                        f"the ZeRO partition of group {index} has shape {tuple(saved['fp32'].shape)}, this run "
-                        f"{tuple(partition.shape)}: resume at the world size and ZeRO stage it was saved with"
-                    )
-                partition.copy_(saved["fp32"])
-                base.state[partition] = {
-                    "step": saved["step"].clone(),
-                    "exp_avg": saved["exp_avg"].clone(),
-                    "exp_avg_sq": saved["exp_avg_sq"].clone(),
-                }
-
-
 class DeepSpeedTrainer(Trainer):
     """wren's trainer with the model and optimizer wrapped by a DeepSpeed ZeRO engine."""
 
     def __init__(self, cfg: JobConfig, env: DistEnv):
-        if cfg.parallel.zero_stage not in SUPPORTED_STAGES:
+        if cfg.optimizer.name not in OPTIMIZER_STATE_KEYS:
             raise ConfigError(
-                f"parallel.zero_stage: the deepspeed engine supports stages {', '.join(map(str, SUPPORTED_STAGES))}, "
-                f"got {cfg.parallel.zero_stage}"
+                f"optimizer.name: the deepspeed engine supports {', '.join(OPTIMIZER_STATE_KEYS)}, "
+                f"got {cfg.optimizer.name!r}"
             )
         if env.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -139,7 +106,7 @@ class DeepSpeedTrainer(Trainer):
 
     def checkpoint_state(self) -> dict:
         state = super().checkpoint_state()
-        state["model_optim"] = ZeroState(self.engine, self.env.rank)
+        state["model_optim"] = NamedZeroState(self.engine, self.cfg.optimizer.name)
         return state
 
     def train_step(self, batch: torch.Tensor) -> StepResult:

@@ -45,14 +45,17 @@ def tiny_overrides(corpus: Path, cache: Path, run_root: Path, name: str, **extra
 
 
 def train_job(overrides: list[str]) -> dict:
-    """Run one training job in this process (a rank, under the harness); report what it held."""
-    from trainer.config import JobConfig
+    """Run one training job in this process (a rank, under the harness), under the configured
+    `parallel.engine` as `wren train` picks it; report what it held."""
+    import importlib
+
+    from trainer.config import ENGINES, JobConfig
     from trainer.distributed import init_distributed, world_size_from_env
-    from trainer.train import Trainer
 
     cfg = JobConfig.load(None, overrides, world_size=world_size_from_env())
     env = init_distributed(cfg.parallel)
-    trainer = Trainer(cfg, env)
+    module_name, class_name = ENGINES[cfg.parallel.engine].split(":")
+    trainer = getattr(importlib.import_module(module_name), class_name)(cfg, env)
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in trainer.model.parameters())
     result = trainer.fit()
     return {
