@@ -22,11 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported only to (de)serialise the state, so configs load without it
+    import torch
 
 # Decay shapes: fn(progress p in [0, 1], elapsed, cfg) -> multiplier, 1 at p = 0.
 DECAY_SHAPES: dict[str, Callable[[float, float, "ScheduleConfig"], float]] = {}
@@ -326,6 +327,8 @@ class Schedule:
             return {}
         if not self.state.branched:
             self.state.decay_start_step, self.state.decay_start_tokens = self.planned_decay_start()
+        import torch
+
         return {key: torch.tensor(int(getattr(self.state, key)), dtype=torch.int64) for key in ScheduleState.KEYS}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -11,11 +11,12 @@ flavors keep the same period-5 pattern. `vocab_size` is a placeholder for the to
 """
 
 from models.based.config import BasedConfig
-from models.based.model import Based
-from models.based.parallelize import parallelize_based
-from models.registry import ModelSpec, register_model
+from models.registry import ModelSpec, lazy_exports, register_model
 
 __all__ = ["Based", "BasedConfig", "flavors", "parallelize_based"]
+
+# The model and its sharding import torch: loaded on first use.
+__getattr__ = lazy_exports({"Based": "models.based.model:Based", "parallelize_based": "models.based.parallelize:parallelize_based"})
 
 flavors: dict[str, BasedConfig] = {
     # A few M parameters; trains quickly on 2 CPU cores.
@@ -41,9 +42,8 @@ register_model(
     ModelSpec(
         name="based",
         config_cls=BasedConfig,
-        model_cls=Based,
         flavors=flavors,
-        parallelize=parallelize_based,
-        hf_adapter=None,
+        model_path="models.based.model:Based",
+        parallelize_path="models.based.parallelize:parallelize_based",
     )
 )

@@ -6,11 +6,12 @@ tokenizer's. Lizard has no Hugging Face architecture, so the spec has no `hf_ada
 """
 
 from models.lizard.config import LizardConfig
-from models.lizard.model import Lizard, LizardCache
-from models.lizard.parallelize import parallelize_lizard
-from models.registry import ModelSpec, register_model
+from models.registry import ModelSpec, lazy_exports, register_model
 
 __all__ = ["Lizard", "LizardCache", "LizardConfig", "flavors", "parallelize_lizard"]
+
+# The model and its sharding import torch: loaded on first use.
+__getattr__ = lazy_exports({"Lizard": "models.lizard.model:Lizard", "parallelize_lizard": "models.lizard.parallelize:parallelize_lizard", "LizardCache": "models.lizard.model:LizardCache"})
 
 flavors: dict[str, LizardConfig] = {
     # The Llama "tiny" shape with a window and feature map sized to it; trains on 2 CPU cores.
@@ -34,9 +35,8 @@ register_model(
     ModelSpec(
         name="lizard",
         config_cls=LizardConfig,
-        model_cls=Lizard,
         flavors=flavors,
-        parallelize=parallelize_lizard,
-        hf_adapter=None,
+        model_path="models.lizard.model:Lizard",
+        parallelize_path="models.lizard.parallelize:parallelize_lizard",
     )
 )

@@ -3,13 +3,13 @@
 `vocab_size` in every flavor is a placeholder: the trainer replaces it with the tokenizer's.
 """
 
-from models.llama import hf_adapter
 from models.llama.config import LlamaConfig
-from models.llama.model import Llama
-from models.llama.parallelize import parallelize_llama
-from models.registry import ModelSpec, register_model
+from models.registry import ModelSpec, lazy_exports, register_model
 
 __all__ = ["Llama", "LlamaConfig", "flavors", "parallelize_llama"]
+
+# The model and its sharding import torch: loaded on first use (`from models.llama import Llama`).
+__getattr__ = lazy_exports({"Llama": "models.llama.model:Llama", "parallelize_llama": "models.llama.parallelize:parallelize_llama"})
 
 flavors: dict[str, LlamaConfig] = {
     # A few M parameters; trains quickly on 2 CPU cores.
@@ -53,9 +53,9 @@ register_model(
     ModelSpec(
         name="llama",
         config_cls=LlamaConfig,
-        model_cls=Llama,
         flavors=flavors,
-        parallelize=parallelize_llama,
-        hf_adapter=hf_adapter,
+        model_path="models.llama.model:Llama",
+        parallelize_path="models.llama.parallelize:parallelize_llama",
+        hf_adapter_path="models.llama.hf_adapter",
     )
 )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from models.attention.hyper import HyperParams
 from models.attention.kinds import ATTENTION_KINDS
-from models.llama.rope import Llama3RopeScaling
+from models.llama.rope_scaling import Llama3RopeScaling
 
 __all__ = ["LlamaConfig"]
 

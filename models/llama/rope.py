@@ -9,28 +9,13 @@ same order, as transformers, so that the cos/sin tables agree bit for bit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from models.llama.rope_scaling import Llama3RopeScaling
+
 __all__ = ["Llama3RopeScaling", "apply_rope", "llama3_scale", "rope_cos_sin", "rope_inv_freq"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Llama3RopeScaling:
-    """Llama-3.1 frequency scaling ("llama3" rope_type in Hugging Face).
-
-    Wavelengths shorter than `original_max_seq_len / high_freq_factor` are kept, those longer than
-    `original_max_seq_len / low_freq_factor` are divided by `factor`, and the band between them is
-    interpolated smoothly (Meta's Llama 3.1 reference code; defaults there: factor 8,
-    low_freq_factor 1, high_freq_factor 4, original_max_seq_len 8192).
-    """
-
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_seq_len: int
 
 
 def llama3_scale(inv_freq: Tensor, scaling: Llama3RopeScaling) -> Tensor:
