@@ -63,22 +63,6 @@ def _prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a run directory (holds config.toml and checkpoints/)")
-    p.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-
-
-@command("export-hf", "write a checkpoint as Hugging Face safetensors + config.json", _export_args)
-def _export(args: argparse.Namespace, extra: list[str]) -> int:
-    from trainer.export_hf import export_hf
-
-    if extra:
-        raise UserError(f"export-hf: unexpected arguments {' '.join(extra)}")
-    print(f"wren: exported to {export_hf(args.run_dir, args.out_dir, step=args.step)}")
-    return 0
-
-
 def _plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
 
@@ -110,6 +94,7 @@ def module_command(name: str, help_text: str, module: str) -> None:
     COMMANDS[name] = (help_text, add_arguments, run)
 
 
+module_command("export-hf", "write a checkpoint as Hugging Face safetensors + config.json (or --adapter: the adapter alone)", "trainer.export_hf")
 module_command("hparams", "predict the optimal lr and batch size (Step Law and other laws) from N and D or a recipe", "optim.hparams")
 module_command("memory", "estimate per-rank memory (weights, grads, optimizer state, activations) of a recipe", "trainer.memory")
 module_command("mup-check", "muP coordinate check: activation scales over widths, written to a PNG", "optim.mup_check")

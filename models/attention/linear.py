@@ -18,8 +18,9 @@ attention is
 computed here as
 - `linear_attention_quadratic`: A = tril(phi(Q) phi(K)^T), Y = A V / (A 1 + eps), the O(T^2)
   reference (the reference's `parallel_implementation="quadratic"`);
-- `linear_attention_chunked`: chunks of C tokens, exact inside a chunk and through the running
-  state (S, z) across chunks, O(T C F + T F d): the training form;
+- `linear_attention_chunked`: chunks of C tokens, exact inside a chunk (through the kernel
+  1 + s + s^2 / 2 on q^T k, which is the feature map's inner product) and through the running
+  state (S, z) across chunks, O(T C (d' + d) + T F d): the training form;
 - `linear_attention_recurrent`: one token at a time on the state (S, z), O(F d) per token and
   constant memory: the generation form.
 The quadratic reference uses the published map; the other two the compact one.
@@ -73,10 +74,11 @@ def taylor_feature_map_compact(x: Tensor) -> Tensor:
     """The Taylor map with symmetric pairs kept once: [1, x / d'^(1/4), x_i^2 / (sqrt(2) sqrt(d')),
     x_i x_j / sqrt(d') for i < j]; the same kernel as `taylor_feature_map`, (..., taylor_state_dim(d'))."""
     dim = x.shape[-1]
-    rows, cols = torch.triu_indices(dim, dim, offset=1, device=x.device)
-    diagonal = x * x / (math.sqrt(2) * math.sqrt(dim))
-    pairs = x[..., rows] * x[..., cols] / math.sqrt(dim)
-    return torch.cat([torch.ones_like(x[..., :1]), x / dim**0.25, diagonal, pairs], dim=-1)
+    scaled = x / math.sqrt(dim)
+    # Row i of the upper triangle, x_i x_j for j > i, as one broadcast product per row (cheaper
+    # than gathering index pairs, in the forward and in the backward).
+    pairs = [x[..., i : i + 1] * scaled[..., i + 1 :] for i in range(dim - 1)]
+    return torch.cat([torch.ones_like(x[..., :1]), x / dim**0.25, x * scaled / math.sqrt(2), *pairs], dim=-1)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -103,33 +105,31 @@ def linear_attention_chunked(
 ) -> tuple[Tensor, LinearAttentionState]:
     """The chunked form; returns (y, final state). `state` continues a previous call's context.
 
-    Within a chunk the causal scores are materialised (C x C); each chunk also reads the state
-    of all earlier chunks, an exclusive prefix sum of the chunks' phi(K)^T V and phi(K) sums.
+    Within a chunk the causal scores come from the kernel itself, phi(q)^T phi(k) = 1 + s + s^2 / 2
+    with s = q^T k / sqrt(d'), a (C x C) product over d' instead of the F features; each chunk
+    also reads the state of all earlier chunks, an exclusive prefix sum of the chunks' phi(K)^T V.
+    V carries a column of ones, so the same products give the normaliser phi(q)^T z; padded
+    tokens have an all-zero row there and add nothing.
     """
-    batch, heads, seq_len, _ = q.shape
+    batch, heads, seq_len, feature_dim = q.shape
     dtype = _compute_dtype(q)
     pad = (-seq_len) % chunk_size
-    fq = taylor_feature_map_compact(F.pad(q.to(dtype), (0, 0, 0, pad)))
-    fk = taylor_feature_map_compact(F.pad(k.to(dtype), (0, 0, 0, pad)))
-    fk = fk * (torch.arange(seq_len + pad, device=q.device) < seq_len).unsqueeze(-1).to(dtype)  # padded keys
-    vv = F.pad(v.to(dtype), (0, 0, 0, pad))
     n_chunks = (seq_len + pad) // chunk_size
-    fq, fk = (t.view(batch, heads, n_chunks, chunk_size, -1) for t in (fq, fk))
-    vv = vv.view(batch, heads, n_chunks, chunk_size, -1)
+    qq, kk = (F.pad(t.to(dtype), (0, 0, 0, pad)).view(batch, heads, n_chunks, chunk_size, -1) for t in (q, k))
+    v_aug = torch.cat((v.to(dtype), torch.ones_like(v[..., :1], dtype=dtype)), dim=-1)
+    vv = F.pad(v_aug, (0, 0, 0, pad)).view(batch, heads, n_chunks, chunk_size, -1)
+    fq, fk = taylor_feature_map_compact(qq), taylor_feature_map_compact(kk)
 
-    kv_chunks = fk.transpose(-2, -1) @ vv  # (B, H, N, F, d_v)
-    k_chunks = fk.sum(-2)  # (B, H, N, F)
-    kv_prev = kv_chunks.cumsum(2) - kv_chunks
-    k_prev = k_chunks.cumsum(2) - k_chunks
+    kv_chunks = fk.transpose(-2, -1) @ vv  # (B, H, N, F, d_v + 1): last column the chunk's sum of phi(k)
+    kv_prev = F.pad(kv_chunks[:, :, :-1].cumsum(2), (0, 0, 0, 0, 1, 0))  # exclusive prefix sum
     if state is not None:
-        kv_prev = kv_prev + state[0].to(dtype).unsqueeze(2)
-        k_prev = k_prev + state[1].to(dtype).unsqueeze(2)
-    scores = torch.tril(fq @ fk.transpose(-2, -1))  # (B, H, N, C, C)
-    numerator = fq @ kv_prev + scores @ vv
-    denominator = (fq @ k_prev.unsqueeze(-1)).squeeze(-1) + scores.sum(-1)
-    out = (numerator / (denominator.unsqueeze(-1) + eps)).view(batch, heads, seq_len + pad, -1)[:, :, :seq_len]
-    final = (kv_prev[:, :, -1] + kv_chunks[:, :, -1], k_prev[:, :, -1] + k_chunks[:, :, -1])
-    return out.to(v.dtype), final
+        kv_prev = kv_prev + torch.cat((state[0].to(dtype), state[1].to(dtype).unsqueeze(-1)), dim=-1).unsqueeze(2)
+    s = (qq @ kk.transpose(-2, -1)) / math.sqrt(feature_dim)  # (B, H, N, C, C)
+    scores = torch.tril(1 + s + 0.5 * s * s)
+    out = fq @ kv_prev + scores @ vv
+    out = (out[..., :-1] / (out[..., -1:] + eps)).view(batch, heads, seq_len + pad, -1)[:, :, :seq_len]
+    final = kv_prev[:, :, -1] + kv_chunks[:, :, -1]
+    return out.to(v.dtype), (final[..., :-1], final[..., -1])
 
 
 def linear_attention_recurrent(

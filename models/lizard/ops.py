@@ -97,12 +97,15 @@ def gla_chunked(
     q_decayed = q * b[..., None].exp()
     k_decayed = k * (b[..., -1:] - b)[..., None].exp()
     chunk_kv = k_decayed.transpose(-1, -2) @ v_aug  # (B, H, N, F, E + 1)
-    chunk_decay = b[..., -1].exp()  # (B, H, N)
-    inter = []
-    for c in range(n_chunks):
-        inter.append(q_decayed[:, :, c] @ state)
-        state = chunk_decay[:, :, c, None, None] * state + chunk_kv[:, :, c]
-    out = intra + torch.stack(inter, dim=2)
+    chunk_decay = b[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1)
+    # The recurrence over chunks visits each chunk once through `unbind` views: indexing
+    # `t[:, :, c]` instead would make autograd allocate a full-size zero gradient per chunk,
+    # O(N^2) time in the number of chunks (it made 32k tokens 7x slower than 16k).
+    states = []
+    for decay_c, kv_c in zip(chunk_decay.unbind(2), chunk_kv.unbind(2)):
+        states.append(state)
+        state = decay_c * state + kv_c
+    out = intra + q_decayed @ torch.stack(states, dim=2)
     return _normalise(out.flatten(2, 3)[:, :, :seq_len]).to(v.dtype), state
 
 

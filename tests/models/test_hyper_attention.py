@@ -144,3 +144,20 @@ def test_llama_selects_hyper_by_config_and_runs_a_softmax_checkpoint():
         dataclasses.replace(cfg, attention="x").validate()
     with pytest.raises(ValueError, match="hyper_block_size: must be at least 1"):
         dataclasses.replace(cfg, hyper_block_size=0).validate()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_shifting_the_values_shifts_the_output_by_the_same_amount(causal):
+    """Like softmax attention, the estimate is a convex combination of value rows (LSE-merged
+    normalised partials), so v + c gives out + c for the same samples: what lets
+    benchmarks/attention.py report the error for values with a non-zero mean without a second run."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 96, 8, generator=gen) for _ in range(3))
+    params = HyperParams(lsh_num_projs=3, block_size=16, sample_size=8, min_seq_len=32)
+    directions = torch.randn(8, 3, generator=gen)
+    shift = torch.randn(8, generator=gen)
+    torch.manual_seed(0)
+    out = hyper_attention(q, k, v, directions=directions, params=params, causal=causal)
+    torch.manual_seed(0)
+    shifted = hyper_attention(q, k, v + shift, directions=directions, params=params, causal=causal)
+    torch.testing.assert_close(shifted, out + shift, atol=1e-5, rtol=1e-5)

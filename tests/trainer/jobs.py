@@ -39,6 +39,9 @@ def tiny_overrides(corpus: Path, cache: Path, run_root: Path, name: str, **extra
         "metrics.tensorboard": False,
         "metrics.plot": False,
         "metrics.peak_flops_per_s": 1e11,
+        # One intra-op thread: at this size threads cost more than they give, and 1-rank and
+        # 2-rank runs of a comparison then use the same thread count.
+        "parallel.num_threads": 1,
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return override_args(values)
