@@ -12,7 +12,8 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from models.attention.dispatch import attention
-from models.attention.hyper import HyperAttention, HyperParams
+from models.attention.hyper import HyperAttention
+from models.attention.params import HyperParams
 
 __all__ = ["ATTENTION_KINDS", "SoftmaxAttention", "build_attention_kind"]
 

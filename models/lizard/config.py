@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.llama.rope import Llama3RopeScaling
+from models.llama.rope_scaling import Llama3RopeScaling
 
 __all__ = ["LizardConfig"]
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.attention.hyper import HyperParams
-from models.attention.kinds import ATTENTION_KINDS
+from models.attention.params import ATTENTION_KIND_NAMES, HyperParams
 from models.llama.rope_scaling import Llama3RopeScaling
 
 __all__ = ["LlamaConfig"]
@@ -34,7 +33,7 @@ class LlamaConfig:
         attention_scale: softmax temperature of q k^T; 0 = 1/sqrt(head_dim) (muP uses 1/head_dim).
         embedding_scale: multiplier on the token embedding's output (muP's input multiplier).
         logit_scale: multiplier on the output logits (muP's readout 1/width_mult).
-        attention: attention kind, a key of `models.attention.ATTENTION_KINDS`: "softmax" (exact)
+        attention: attention kind, one of `models.attention.params.ATTENTION_KIND_NAMES`: "softmax" (exact)
             or "hyper" (HyperAttention). Both have the same weights, so a checkpoint trained with
             one runs with the other.
         hyper_lsh_num_projs: HyperAttention's LSH hyperplanes (2^r buckets).
@@ -122,8 +121,8 @@ class LlamaConfig:
                 raise ValueError(f"n_kv_heads: must be a positive integer or None, got {self.n_kv_heads!r}")
             if self.n_heads % self.n_kv_heads != 0:
                 raise ValueError(f"n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention: must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
+        if self.attention not in ATTENTION_KIND_NAMES:
+            raise ValueError(f"attention: must be one of {', '.join(ATTENTION_KIND_NAMES)}, got {self.attention!r}")
         try:
             self.hyper_params.validate()
         except ValueError as err:

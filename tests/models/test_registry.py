@@ -43,3 +43,25 @@ def test_flavor_shapes():
     assert one_b.tie_embeddings and one_b.rope_theta == 500000.0 and one_b.rope_scaling_factor == 32.0
     assert (eight_b.dim, eight_b.n_layers, eight_b.kv_heads, eight_b.ffn_hidden_dim) == (4096, 32, 8, 14336)
     assert not eight_b.tie_embeddings and eight_b.rope_scaling_factor == 8.0
+
+
+def test_recipes_load_without_torch_and_name_the_real_attention_kinds():
+    """Reading a recipe (model registry, flavors, config validation) imports no torch: `wren hparams` answers fast.
+
+    Runs in a fresh interpreter, since this one has torch loaded already.
+    """
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, models\n"
+        "from models.attention.params import ATTENTION_KIND_NAMES\n"
+        "for name in models.registered_models():\n"
+        "    for flavor in models.get_model_spec(name).flavors.values(): flavor.validate()\n"
+        "assert 'torch' not in sys.modules, 'reading model configs imported torch'\n"
+        "print(','.join(ATTENTION_KIND_NAMES))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    from models.attention import ATTENTION_KINDS
+
+    assert out.strip().split(",") == list(ATTENTION_KINDS)
