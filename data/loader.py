@@ -11,6 +11,9 @@ windows following the global cursor; rank r of `world_size` takes its contiguous
 The cursor counts tokens, not per-rank batches, so the concatenation over ranks equals the
 single-process batch, and a run saved at one world size resumes at another without skipping or
 repeating a window.
+
+With a `mask_shard` (chat data, `data.chat`: one 0/1 entry per token, 1 on response tokens) a
+batch is the pair (tokens, mask) of windows at the same positions; without one, the tokens alone.
 """
 
 from collections.abc import Iterator
@@ -44,6 +47,13 @@ def _num_windows(shard: TokenShard, seq_len: int) -> int:
     return (shard.num_tokens - 1) // seq_len
 
 
+def _checked_mask(shard: TokenShard, mask_shard: TokenShard | None) -> TokenShard | None:
+    """`mask_shard`, checked to hold one entry per token of `shard`."""
+    if mask_shard is not None and mask_shard.num_tokens != shard.num_tokens:
+        raise ValueError(f"{mask_shard.path}: {mask_shard.num_tokens} mask entries for {shard.num_tokens} tokens")
+    return mask_shard
+
+
 def _windows(shard: TokenShard, window_indices: np.ndarray, seq_len: int) -> torch.Tensor:
     """Gather windows `tokens[k * seq_len : k * seq_len + seq_len + 1]` as an int64 tensor."""
     positions = window_indices[:, None] * seq_len + np.arange(seq_len + 1)
@@ -67,8 +77,10 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
         shuffle_seed: int | None = None,
+        mask_shard: TokenShard | None = None,
     ) -> None:
         self.shard = shard
+        self.mask_shard = _checked_mask(shard, mask_shard)
         self.shuffle_seed = shuffle_seed
         self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its window order)
         self.seq_len = seq_len
@@ -79,12 +91,16 @@ class TokenLoader:
         self.num_windows = _num_windows(shard, seq_len)
         self.tokens_consumed = 0
 
-    def next_batch(self) -> torch.Tensor:
-        """This rank's windows of the next global batch, shape (local_batch, seq_len + 1)."""
+    def next_batch(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """This rank's windows of the next global batch, shape (local_batch, seq_len + 1) (and their mask)."""
         first_window = self.tokens_consumed // self.seq_len + self.rank * self.local_batch_size
         window_indices = np.arange(first_window, first_window + self.local_batch_size)
         self.tokens_consumed += self.global_batch_size * self.seq_len
-        return _windows(self.shard, self._positions(window_indices), self.seq_len)
+        positions = self._positions(window_indices)
+        tokens = _windows(self.shard, positions, self.seq_len)
+        if self.mask_shard is None:
+            return tokens
+        return tokens, _windows(self.mask_shard, positions, self.seq_len)
 
     def _positions(self, window_indices: np.ndarray) -> np.ndarray:
         """Where in the shard global windows `window_indices` start (in units of seq_len)."""
@@ -136,15 +152,17 @@ def eval_windows(
     max_batches: int,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[torch.Tensor]:
+    mask_shard: TokenShard | None = None,
+) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic, non-overlapping evaluation batches from the start of `shard`.
 
     Global batch j holds windows `j * batch_size .. (j + 1) * batch_size - 1` (windows as in
     `TokenLoader`, without wrapping); rank r gets its contiguous slice, shape
     (batch_size // world_size, seq_len + 1). Yields `min(max_batches, W // batch_size)` batches,
     only whole ones, so every rank yields the same number. Arguments are checked at the call,
-    not at the first batch.
+    not at the first batch. With `mask_shard`, each batch is the pair (tokens, mask).
     """
+    mask_shard = _checked_mask(shard, mask_shard)
     local_batch_size = _local_batch_size(batch_size, rank, world_size)
     if max_batches < 1:
         raise ValueError(f"max_batches: must be positive, got {max_batches}")
@@ -158,7 +176,7 @@ def eval_windows(
         batch_index * batch_size + rank * local_batch_size
         for batch_index in range(min(max_batches, num_windows // batch_size))
     )
-    return (
-        _windows(shard, np.arange(first, first + local_batch_size), seq_len)
-        for first in first_windows
-    )
+    windows = (np.arange(first, first + local_batch_size) for first in first_windows)
+    if mask_shard is None:
+        return (_windows(shard, indices, seq_len) for indices in windows)
+    return ((_windows(shard, indices, seq_len), _windows(mask_shard, indices, seq_len)) for indices in windows)

@@ -10,15 +10,14 @@ and `lowrank` (Adam on the factors of `optim.lowrank`). The family shares moment
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from optim.fira import FiraConfig
-from optim.galore import GaLoreConfig, ProjectedAdamW
-from optim.lowrank import LowRankConfig, LowRankLinear
+from optim.config import PROJECTING, OptimizerConfig
+from optim.galore import ProjectedAdamW
+from optim.lowrank import LowRankLinear
 
 OPTIMIZERS: dict[str, Callable[["OptimizerConfig", list[dict]], torch.optim.Optimizer]] = {}
 
@@ -33,59 +32,6 @@ def register_optimizer(name: str):
     return wrap
 
 
-@dataclass(kw_only=True)
-class OptimizerConfig:
-    """The optimizer and its hyperparameters; `lr` is the peak the schedule scales."""
-
-    name: str = "adamw"
-    lr: float = 3e-3
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # decoupled; not applied to norms, biases or embeddings
-    # Momentum reset (galore, fira, lowrank): zero moments and step counts every this many steps;
-    # 0 = never (Glentis et al. 2025, Sec. 4: every 200 steps).
-    reset_every_steps: int = 0
-    # After each reset the lr ramps from 0.001x to 1x over this many steps (reference recovery_steps 10).
-    reset_warmup_steps: int = 10
-    galore: GaLoreConfig = field(default_factory=GaLoreConfig)  # projection of galore and fira
-    fira: FiraConfig = field(default_factory=FiraConfig)
-    lowrank: LowRankConfig = field(default_factory=LowRankConfig)  # factorised weights (rank 0 = off)
-
-    def validate(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"name: unknown optimizer {self.name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
-        self.galore.validate()
-        self.fira.validate()
-        self.lowrank.validate()
-        if self.name == "lowrank" and self.lowrank.rank == 0:
-            raise ValueError('lowrank.rank: must be positive with name = "lowrank", got 0')
-        family = ", ".join(MEMORY_EFFICIENT)
-        if self.name not in MEMORY_EFFICIENT:
-            if self.lowrank.rank:
-                raise ValueError(
-                    f"lowrank.rank: factorised weights need name = one of {family}, got name {self.name!r}"
-                )
-            if self.reset_every_steps:
-                raise ValueError(f"reset_every_steps: momentum reset needs name = one of {family}, got {self.name!r}")
-        if self.reset_every_steps < 0:
-            raise ValueError(f"reset_every_steps: must be 0 or positive, got {self.reset_every_steps}")
-        if self.reset_warmup_steps < 0:
-            raise ValueError(f"reset_warmup_steps: must be 0 or positive, got {self.reset_warmup_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
-        for key in ("beta1", "beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
-        if not self.eps > 0:
-            raise ValueError(f"eps: must be positive, got {self.eps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: must be 0 or positive, got {self.weight_decay}")
-
-
-# The optimizers built on ProjectedAdamW (momentum reset, refactorization of factorised weights).
-MEMORY_EFFICIENT = ("galore", "fira", "lowrank")
-PROJECTING = ("galore", "fira")  # those whose groups mark GaLore-projected parameters
 
 
 def param_groups(

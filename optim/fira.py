@@ -15,8 +15,6 @@ holds in full where they are needed, and the Frobenius norm of S is summed over 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -25,17 +23,6 @@ from optim.projector import ShardedProjection
 
 SCALE_EPS = 1e-8  # fira_adamw.py: denominators of the scaling factor and of the limiter
 UNSET = -1.0  # residual-norm state before the first Fira step (norms are never negative)
-
-
-@dataclass(kw_only=True)
-class FiraConfig:
-    """Fira's additions to GaLore (the projection itself is configured in `[optimizer.galore]`)."""
-
-    limiter_gamma: float = 1.01  # max growth of the residual's norm per step (Fira Sec. 4.3)
-
-    def validate(self) -> None:
-        if not self.limiter_gamma >= 1:
-            raise ValueError(f"fira.limiter_gamma: must be at least 1, got {self.limiter_gamma}")
 
 
 def scaled_residual(grad_rows: Tensor, low: Tensor, update_low: Tensor, projection: ShardedProjection) -> Tensor:

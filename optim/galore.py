@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,38 +36,9 @@ from optim.fira import UNSET, limit_growth, scaled_residual
 from optim.lowrank import refactorize
 from optim.projector import ShardedProjection, layout_of, local, refresh_projectors, sharded_like, side_for
 
+# Plain-Adam updates go through a parameter this many elements at a time (4 MiB of float32 per temporary).
+CHUNK_ELEMENTS = 2**20
 RECOVERY_START = 0.001  # lr fraction at the first step after a reset (training_utils.py, quick recovery)
-
-# The 2-D attention and MLP weights of the model families in `models/` (GaLore's torchrun_main.py
-# picks Linear modules whose name contains "attn" or "mlp"; these are wren's names for them).
-DEFAULT_TARGETS = ["*.attention.*", "*.feed_forward.*"]
-
-
-@dataclass(kw_only=True)
-class GaLoreConfig:
-    """GaLore's projection, used by the `galore` and `fira` optimizers."""
-
-    rank: int = 128  # r of the projected space (paper Table 2: 128 for 60M, 256 for 130M/350M)
-    update_proj_gap_steps: int = 200  # T: new SVD every T optimizer steps (paper Sec. 4.1, Table 2)
-    scale: float = 0.25  # alpha, applied on projecting back (paper Table 2)
-    # Name globs (fnmatch, on parameter names) of the 2-D parameters to project.
-    target_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    # Flip each refreshed basis vector to agree in sign with the one it replaces. The SVD's signs
-    # are arbitrary and flip under rounding-level changes of the gradient (a sharded run sums it
-    # in another order), and the moments carried over a refresh would then point the wrong way.
-    # false reproduces galore_torch exactly (raw LAPACK signs).
-    align_signs: bool = True
-
-    def validate(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"galore.rank: must be at least 1, got {self.rank}")
-        if self.update_proj_gap_steps < 1:
-            raise ValueError(f"galore.update_proj_gap_steps: must be at least 1, got {self.update_proj_gap_steps}")
-        if not self.scale > 0:
-            raise ValueError(f"galore.scale: must be positive, got {self.scale}")
-        if not self.target_patterns:
-            raise ValueError("galore.target_patterns: must name at least one pattern, got []")
-
 
 class ProjectedAdamW(torch.optim.Optimizer):
     """Adam with GaLore-projected groups, optional Fira residual, refactorization and momentum reset."""
@@ -179,24 +149,37 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 )
         return local(state["exp_avg"]), local(state["exp_avg_sq"])
 
-    def _adam_direction(self, group: dict, state: dict, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor):
-        """Update the moments with `grad`; returns (M / (sqrt(V) + eps), bias-corrected step size, lr)."""
+    def _count_step(self, group: dict, state: dict) -> tuple[float, float]:
+        """Count the step being taken; returns (bias-corrected step size, lr)."""
         beta1, beta2 = group["betas"]
         state["step"] += 1
         state["age"] += 1
         step = int(state["step"])
+        lr = self._lr(group, state)
+        return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step), lr
+
+    @staticmethod
+    def _direction(group: dict, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> Tensor:
+        """Update the moments with `grad` in place; returns M / (sqrt(V) + eps)."""
+        beta1, beta2 = group["betas"]
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         denom = exp_avg_sq.sqrt().add_(group["eps"])
-        lr = self._lr(group, state)
-        step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-        return exp_avg / denom, step_size, lr
+        return exp_avg / denom
 
     def _adam_update(self, param: Tensor, group: dict, state: dict) -> None:
+        """Plain Adam, a block of rows at a time: elementwise, so the same numbers with temporaries
+        of at most `CHUNK_ELEMENTS` instead of two of the parameter's size (an embedding's are the
+        optimizer step's largest)."""
         grad, weight = local(param.grad), local(param)
         exp_avg, exp_avg_sq = self._moments(state, tuple(grad.shape), grad, param, 0, tuple(param.shape))
-        direction, step_size, lr = self._adam_direction(group, state, grad, exp_avg, exp_avg_sq)
-        self._apply(weight, direction, step_size, lr, group)
+        step_size, lr = self._count_step(group, state)
+        row_numel = max(1, math.prod(weight.shape[1:]))
+        rows_per_chunk = max(1, CHUNK_ELEMENTS // row_numel)
+        for start in range(0, max(1, weight.shape[0]), rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            direction = self._direction(group, grad[rows], exp_avg[rows], exp_avg_sq[rows])
+            self._apply(weight[rows], direction, step_size, lr, group)
 
     def _projected_update(self, param: Tensor, group: dict, state: dict) -> None:
         grad_rows, weight = local(param.grad), local(param)
@@ -205,7 +188,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
         exp_avg, exp_avg_sq = self._moments(
             state, tuple(low_local.shape), low_local, param, projection.moment_dim, projection.projected_shape
         )
-        direction, step_size, lr = self._adam_direction(group, state, low_local, exp_avg, exp_avg_sq)
+        step_size, lr = self._count_step(group, state)
+        direction = self._direction(group, low_local, exp_avg, exp_avg_sq)
         direction = projection.gather(direction)
         update = projection.project_back(direction)
         if self.fira_gamma is not None:

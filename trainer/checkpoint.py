@@ -131,6 +131,11 @@ class Checkpointer:
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
         """Load checkpoint `path` into `state` in place (resharding to this world size)."""
+        self.load_into(path, state)
+
+    @staticmethod
+    def load_into(path: Path, state: dict[str, Any]) -> None:
+        """Load checkpoint `path` into `state` in place; `state` may hold a subset of its entries."""
         if not (Path(path) / ".metadata").is_file():
             raise CheckpointError(f"'{path}' is not a complete checkpoint (no .metadata)")
         reader = SafeFileSystemReader(path)

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from data.config import DataConfig
-from optim.builder import OptimizerConfig
-from optim.mup import MupConfig
+from optim.config import OptimizerConfig
+from optim.mup_config import MupConfig
 from optim.schedules import ScheduleConfig
 from trainer.config_loader import apply_overrides, build_dataclass, load_toml, to_toml
 from trainer.errors import ConfigError
+from trainer.finetune import FinetuneConfig
 
 DTYPES = ("float32", "bfloat16")
 # Training engines by name: the class (imported when a run starts) that trains a JobConfig.
@@ -167,6 +168,7 @@ class ParallelConfig:
     engine: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO)
     zero_stage: int = 2  # DeepSpeed ZeRO stage 1, 2 or 3 (engine = "deepspeed")
     offload_optimizer: bool = False  # DeepSpeed: keep optimizer states in CPU memory
+    offload_params: bool = False  # DeepSpeed ZeRO-3: keep the parameter partitions in CPU memory
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
     num_threads: int = 0  # intra-op CPU threads per rank; 0 = cores / local ranks
 
@@ -175,6 +177,11 @@ class ParallelConfig:
             raise ValueError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.zero_stage not in (1, 2, 3):
             raise ValueError(f"zero_stage: must be 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_params and (self.engine != "deepspeed" or self.zero_stage != 3):
+            raise ValueError(
+                f'offload_params: needs engine = "deepspeed" and zero_stage = 3, '
+                f"got engine {self.engine!r}, zero_stage {self.zero_stage}"
+            )
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"backend: must be auto, gloo or nccl, got {self.backend!r}")
         if self.num_threads < 0:
@@ -196,6 +203,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] = (), world_size: int = 1) -> "JobConfig":
@@ -214,9 +222,11 @@ class JobConfig:
         if self.eval.batch_size % world_size:
             raise ConfigError(f"eval.batch_size: {self.eval.batch_size} is not divisible by the world size {world_size}")
         model_cfg = _checked("model", lambda: self.model.build_model_config(self.data.vocab_size))
-        if self.checkpoint.export_hf:
+        if self.finetune.enabled:  # the architecture comes from finetune.init_from; the trainer checks seq_len
+            _checked("finetune", self._check_finetune)
+        elif self.checkpoint.export_hf:
             _checked("checkpoint", lambda: self._check_exportable(model_cfg))
-        if self.training.seq_len > model_cfg.max_seq_len:
+        if not self.finetune.enabled and self.training.seq_len > model_cfg.max_seq_len:
             raise ConfigError(
                 f"training.seq_len: {self.training.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
             )
@@ -224,6 +234,20 @@ class JobConfig:
             raise ConfigError(
                 f"schedule.warmup_steps: {self.schedule.warmup_steps} exceeds training.steps {self.training.steps}"
             )
+
+    def _check_finetune(self) -> None:
+        """Fine-tuning starts from a pretrained Llama and trains it with FSDP2, without pretraining transforms."""
+        method = self.finetune.method
+        if self.model.name != "llama":
+            raise ValueError(f"method: fine-tuning loads Llama weights; model.name must be \"llama\", got {self.model.name!r}")
+        if self.optimizer.lowrank.rank:
+            raise ValueError(f"method: {method!r} cannot be combined with optimizer.lowrank (it refactorises the pretrained weights)")
+        if self.mup.enabled:
+            raise ValueError(f"method: {method!r} cannot be combined with mup.enabled (pretrained weights have no muP multipliers)")
+        if self.parallel.engine != "fsdp2":
+            raise ValueError(f"method: fine-tuning runs on the fsdp2 engine, got parallel.engine = {self.parallel.engine!r}")
+        if self.schedule.decay_from:
+            raise ValueError("method: schedule.decay_from branches a pretraining run; a fine-tuning run starts from init_from")
 
     def _check_exportable(self, model_cfg: Any) -> None:
         """`checkpoint.export_hf` needs a Hugging Face equivalent of the model as configured."""

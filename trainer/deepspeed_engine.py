@@ -6,7 +6,8 @@ differs from the FSDP2 engine:
 - the model is built unsharded and handed, with wren's optimizer, to `deepspeed.initialize`, which
   partitions the optimizer state (ZeRO stage 1), also the gradients (stage 2), and also the
   parameters (stage 3, gathered per module for its forward and backward) over the ranks, and can
-  keep the optimizer state in CPU memory (`parallel.offload_optimizer`, any stage). The model is
+  keep the optimizer state in CPU memory (`parallel.offload_optimizer`, any stage) and, under
+  stage 3, the parameter partitions too (`parallel.offload_params`). The model is
   built whole on every rank first (no `deepspeed.zero.Init`), so under stage 3 each rank must still
   hold the whole model once, at start;
 - only optimizers whose state is element-wise and known to `deepspeed_state.OPTIMIZER_STATE_KEYS`
@@ -56,6 +57,8 @@ def deepspeed_config(cfg: JobConfig, world_size: int, micro_batch_size: int, acc
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps,
@@ -101,7 +104,9 @@ class DeepSpeedTrainer(Trainer):
             model=self.model, optimizer=self.optimizer, config=ds_config, dist_init_required=False
         )
         self.model = self.engine
-        offload = ", optimizer state offloaded to CPU" if cfg.parallel.offload_optimizer else ""
+        offloaded = [name for name, on in (("optimizer state", cfg.parallel.offload_optimizer),
+                                           ("parameters", cfg.parallel.offload_params)) if on]
+        offload = f", {' and '.join(offloaded)} offloaded to CPU" if offloaded else ""
         self.log(f"wren: DeepSpeed ZeRO stage {cfg.parallel.zero_stage} over {env.world_size} rank(s){offload}")
 
     def checkpoint_state(self) -> dict:

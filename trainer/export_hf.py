@@ -1,8 +1,15 @@
 """Export a wren checkpoint as a Hugging Face model directory that `transformers` loads.
 
 The weights are read from the DCP checkpoint into a single-process model (DCP reshards them from
-any world size), renamed by the model's `hf_adapter`, and written by `transformers` itself
-(`save_pretrained`: config.json + model.safetensors), with the sentencepiece tokenizer beside them.
+any world size), a low-rank run's factors merged into dense weights W = s B A (+ S)
+(`optim.lowrank.merge_low_rank`), renamed by the model's `hf_adapter`, and written by `transformers`
+itself (`save_pretrained`: config.json + model.safetensors), with the sentencepiece tokenizer beside them.
+
+A fine-tuned run (`[finetune]`) is rebuilt as it trained (the architecture from `init_from`, the
+method's structure) and exported either merged (every module with `unload_peft()` replaced by the
+plain layer it folds into, then as above) or, with `adapter=True`, as the adapter alone (LoRA:
+`peft`'s format, see `models.peft.adapter_io`). A method with its own `export` in
+`trainer.finetune.FINETUNE_METHODS` (LoRAM) exports itself.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from optim.lowrank import factorise, merge_low_rank
 from trainer.checkpoint import STEP_PREFIX, Checkpointer, CheckpointError
 from trainer.config import JobConfig
 from trainer.distributed import DistEnv
@@ -33,19 +41,67 @@ def load_model_from_run(run_dir: str | Path, step: int | None = None) -> tuple[t
     path = checkpointer.latest() if step is None else run_dir / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
     if path is None:
         raise CheckpointError(f"'{run_dir}' has no checkpoint yet")
-    vocab_size = Tokenizer.load(run_dir / "tokenizer.model").vocab_size
-    model = get_model_spec(cfg.model.name).model_cls(cfg.model.build_model_config(vocab_size))
+    spec = get_model_spec(cfg.model.name)
+    if cfg.finetune.enabled:
+        model = _finetuned_model(cfg, env, spec)
+    else:
+        vocab_size = Tokenizer.load(run_dir / "tokenizer.model").vocab_size
+        model = spec.model_cls(cfg.model.build_model_config(vocab_size))
+        if cfg.optimizer.lowrank.rank:  # a low-rank run saved factors (and SLTrain's support): load those
+            factorise(model, cfg.optimizer.lowrank)
     state = {"model_optim": {"model": model.state_dict()}}
     checkpointer.load(path, state)
     model.load_state_dict(state["model_optim"]["model"])
+    merge_low_rank(model)  # W = s B A (+ S) as plain linears; a no-op without factorised layers
     return model, cfg, path
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
-    """Write `out_dir` with config.json, model.safetensors and tokenizer files; returns `out_dir`."""
+def _finetuned_model(cfg: JobConfig, env: DistEnv, spec) -> torch.nn.Module:
+    """A fine-tuning run's model, unsharded on CPU, as its trainer built it (before its checkpoint is loaded)."""
+    from trainer.extensions import BuildContext
+    from trainer.finetune_build import (
+        build_finetune_model,
+        pretrained_model_config,
+        pretrained_source,
+    )
+
+    source = pretrained_source(cfg)
+    ctx = BuildContext(cfg=cfg, env=env, log=lambda *args, **kwargs: None)
+    model = build_finetune_model(cfg, env, ctx, spec, source, pretrained_model_config(source))
+    return model
+
+
+def merge_peft_(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every module that has `unload_peft()` by the plain module it returns (adaptation folded in)."""
+    for name, module in list(model.named_modules()):
+        if name and hasattr(module, "unload_peft"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.unload_peft())
+    return model
+
+
+def export_hf(
+    run_dir: str | Path, out_dir: str | Path, step: int | None = None, *, adapter: bool = False, log=print
+) -> Path:
+    """Write `out_dir` with config.json, model.safetensors and tokenizer files (or the adapter alone); returns `out_dir`."""
     from models import get_model_spec
 
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = JobConfig.load(run_dir / "config.toml") if (run_dir / "config.toml").is_file() else None
+    if cfg is not None and cfg.finetune.enabled:
+        custom = cfg.finetune.spec.load_export()
+        if custom is not None:
+            if step is not None:
+                raise UserError(f"export-hf: method {cfg.finetune.method!r} exports its latest checkpoint only (no --step)")
+            custom(run_dir, out_dir, merged=not adapter, log=log)
+            return out_dir
+    elif adapter:
+        raise UserError(f"export-hf: --adapter needs a fine-tuned run; '{run_dir}' has no [finetune] method")
     model, cfg, _ = load_model_from_run(run_dir, step)
+    if adapter:
+        return _export_adapter(model, cfg, out_dir)
+    if cfg.finetune.enabled:
+        merge_peft_(model)
     adapter = get_model_spec(cfg.model.name).hf_adapter
     if adapter is None:
         raise UserError(f"export-hf: model {cfg.model.name!r} has no Hugging Face equivalent; its weights stay in {run_dir}/checkpoints")
@@ -65,8 +121,36 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out_dir, safe_serialization=True)
-    _save_tokenizer(Path(run_dir) / "tokenizer.model", out_dir)
+    copy_tokenizer(run_dir, cfg, out_dir)
     return out_dir
+
+
+def _export_adapter(model: torch.nn.Module, cfg: JobConfig, out_dir: Path) -> Path:
+    """The adapter alone: LoRA in `peft`'s format, other methods' added tensors under wren names."""
+    from models.peft.adapter_io import save_peft_lora, save_trainable
+
+    try:
+        if cfg.finetune.method == "lora":
+            save_peft_lora(model, cfg.finetune.lora, out_dir, base_model=cfg.finetune.init_from)
+        else:
+            save_trainable(model, out_dir)
+    except ValueError as err:
+        raise UserError(f"export-hf --adapter: {err}") from None
+    return out_dir
+
+
+def copy_tokenizer(run_dir: Path, cfg: JobConfig, out_dir: Path) -> None:
+    """The run's sentencepiece tokenizer in both formats, or a Hugging Face source's own tokenizer files."""
+    if cfg.finetune.enabled:
+        from trainer.finetune_build import pretrained_source
+
+        source = pretrained_source(cfg)
+        if source.kind == "hf":
+            for path in source.path.iterdir():
+                if path.is_file() and (path.name.startswith(("tokenizer", "special_tokens")) or path.suffix == ".jinja"):
+                    shutil.copyfile(path, out_dir / path.name)
+            return
+    _save_tokenizer(run_dir / "tokenizer.model", out_dir)
 
 
 def _save_tokenizer(sentencepiece_model: Path, out_dir: Path) -> None:
@@ -75,3 +159,22 @@ def _save_tokenizer(sentencepiece_model: Path, out_dir: Path) -> None:
 
     shutil.copyfile(sentencepiece_model, out_dir / "tokenizer.model")
     save_hf_tokenizer(out_dir / "tokenizer.model", out_dir)
+
+
+def add_arguments(parser) -> None:
+    """`wren export-hf RUN OUT [--step N] [--adapter]`."""
+    parser.add_argument("run_dir", help="a run directory (holds config.toml and checkpoints/)")
+    parser.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--adapter", action="store_true",
+        help="fine-tuned runs: write only the adapter (LoRA: peft's adapter_model.safetensors + adapter_config.json)",
+    )
+
+
+def run(args, extra: list[str]) -> int:
+    """The `export-hf` command."""
+    if extra:
+        raise UserError(f"export-hf: unexpected arguments {' '.join(extra)}")
+    print(f"wren: exported to {export_hf(args.run_dir, args.out_dir, step=args.step, adapter=args.adapter)}")
+    return 0

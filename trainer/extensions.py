@@ -9,7 +9,13 @@ path and imported only when a run starts. Each transform reads its own config se
 - run code after every optimizer step (`ctx.step_hooks`, called as `hook(step)` with the 1-based
   step just taken),
 - add Stateful parts to the checkpoint (`ctx.checkpoint_state`, name -> object with
-  `state_dict` / `load_state_dict` holding tensors only).
+  `state_dict` / `load_state_dict` holding tensors only),
+- reach, from a step hook, the final (possibly FSDP2-sharded) model (`ctx.model`, set right after
+  sharding) and the optimizer (`ctx.optimizer`, set right after it is built); both are None while
+  transforms run.
+
+Fine-tuning methods (`trainer.finetune.FINETUNE_METHODS`) receive the same context and run after
+every transform listed here.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class BuildContext:
     lr_scales: dict[str, float] = field(default_factory=dict)
     step_hooks: list[Callable[[int], None]] = field(default_factory=list)
     checkpoint_state: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None  # the final (sharded) model, set by the trainer after parallelize
+    optimizer: Any = None  # torch.optim.Optimizer, set by the trainer right after it is built
 
 
 def apply_model_transforms(model: nn.Module, ctx: BuildContext) -> nn.Module:

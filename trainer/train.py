@@ -7,6 +7,8 @@ schedule, loader from a global token cursor, then resume from the latest checkpo
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import shutil
 import signal
@@ -20,22 +22,51 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 
-from data import DataConfig, PreparedData, TokenLoader, TokenShard, eval_windows, prepare_data
+from data import (
+    DataConfig,
+    PreparedData,
+    TokenLoader,
+    TokenShard,
+    eval_windows,
+    prepare_data,
+)
+from data.chat import ChatTokenizer, PreparedChat, prepare_chat
 from models import get_model_spec
 from optim.builder import build_optimizer
+from optim.lowrank import factorised_flops_per_token
 from optim.schedules import build_schedule
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.config import JobConfig
 from trainer.distributed import DistEnv
+from trainer.errors import ConfigError, NonFiniteError, UserError
 from trainer.extensions import BuildContext, apply_model_transforms
-from trainer.errors import NonFiniteError, UserError
-from trainer.metrics import MetricsLogger, optimizer_state_bytes, parameter_bytes, peak_memory_bytes, read_metrics
+from trainer.finetune_build import (
+    build_finetune_model,
+    pretrained_model_config,
+    pretrained_source,
+    tokenizer_for,
+    trainable_summary,
+)
+from trainer.metrics import (
+    MetricsLogger,
+    optimizer_state_bytes,
+    parameter_bytes,
+    peak_memory_bytes,
+    read_metrics,
+)
 from trainer.peak_flops import peak_flops_per_s
-from trainer.train_state import IntState, ModelOptimizerState, Progress, RNGState, all_finite
+from trainer.train_state import (
+    IntState,
+    ModelOptimizerState,
+    Progress,
+    RNGState,
+    all_finite,
+)
 
 CONFIG_FILE = "config.toml"
 TOKENIZER_FILE = "tokenizer.model"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption notices (SLURM, Kubernetes, Ray)
+IGNORE_INDEX = -100  # targets the loss skips (F.cross_entropy's default ignore_index)
 
 
 @dataclass
@@ -60,6 +91,11 @@ class TrainResult:
     preempted: bool = False  # stopped early by a signal, after checkpointing; rerun to resume
 
 
+def next_token_targets(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Targets `tokens[:, 1:]`, IGNORE_INDEX where the response mask is 0 (prompt and template tokens)."""
+    return tokens[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+
+
 def prepare_data_or_fail(cfg: DataConfig, log) -> PreparedData:
     """`prepare_data`, reporting unusable inputs (empty corpus, unreadable files) as a user error."""
     try:
@@ -79,24 +115,32 @@ class Trainer:
         self.dtype = getattr(torch, cfg.training.dtype)
         self.local_batch_size = cfg.training.local_batch_size(env.world_size)
 
+        self.source = pretrained_source(cfg) if cfg.finetune.enabled else None
         prepared = self._prepare_data()
         torch.manual_seed(cfg.run.seed)
         spec = get_model_spec(cfg.model.name)
-        self.model_config = cfg.model.build_model_config(prepared.vocab_size)
-        with torch.device(env.device):
-            model = spec.model_cls(self.model_config)  # seeded init, identical on every rank
-        self.flops_per_token = model.flops_per_token(cfg.training.seq_len)
         self.extensions = BuildContext(cfg=cfg, env=env, log=self.log)
-        model = apply_model_transforms(model, self.extensions)
-        self.num_params = sum(p.numel() for p in model.parameters())
         if cfg.training.activation_checkpointing:
             self.log("wren: activation checkpointing on every transformer block")
         if env.mesh is not None:
             self.log(f"wren: FSDP2 fully_shard over {env.world_size} ranks ({env.device.type})")
-        self.model = spec.parallelize(
-            model, env.mesh, activation_checkpointing=cfg.training.activation_checkpointing
-        )
+        if self.source is None:
+            self.model_config = cfg.model.build_model_config(prepared.vocab_size)
+            with torch.device(env.device):
+                model = spec.model_cls(self.model_config)  # seeded init, identical on every rank
+            model = apply_model_transforms(model, self.extensions)
+            self.model = spec.parallelize(
+                model, env.mesh, activation_checkpointing=cfg.training.activation_checkpointing
+            )
+        else:
+            self.model_config = self._pretrained_model_config(prepared.vocab_size)
+            self.model = build_finetune_model(cfg, env, self.extensions, spec, self.source, self.model_config)
+        # the FLOPs of the model as trained: a factorised weight costs r (m + n) per token, not m n
+        self.flops_per_token = factorised_flops_per_token(self.model, self.model.flops_per_token(cfg.training.seq_len))
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.extensions.model = self.model
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.extensions.lr_scales)
+        self.extensions.optimizer = self.optimizer
         self.tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
         self.schedule = build_schedule(
             cfg.schedule,
@@ -105,6 +149,7 @@ class Trainer:
             tokens_per_step=self.tokens_per_step,
             seq_len=cfg.training.seq_len,
         )
+        chat = isinstance(prepared, PreparedChat)
         self.loader = TokenLoader(
             TokenShard(prepared.train_path),
             seq_len=cfg.training.seq_len,
@@ -112,8 +157,10 @@ class Trainer:
             rank=env.rank,
             world_size=env.world_size,
             shuffle_seed=cfg.run.seed,
+            mask_shard=TokenShard(prepared.train_mask_path) if chat else None,
         )
         self.val_shard = TokenShard(prepared.val_path)
+        self.val_mask = TokenShard(prepared.val_mask_path) if chat else None
         try:  # checks now, not at the first evaluation, that the held-out split holds a batch
             eval_windows(self.val_shard, **self._eval_args())
         except ValueError as err:
@@ -122,32 +169,85 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.stop_signal: int | None = None
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, env=env)
+        shape = f"{cfg.model.name}/{cfg.model.flavor}" if self.source is None else f"{cfg.model.name} from {self.source.path}"
         self.log(
-            f"wren: model {cfg.model.name}/{cfg.model.flavor}: {self.num_params / 1e6:.2f}M parameters, "
+            f"wren: model {shape}: {self.num_params / 1e6:.2f}M parameters, "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token; world size {env.world_size}; dtype {cfg.training.dtype}"
         )
+        if self.source is not None:
+            trainable, total = trainable_summary(self.model)
+            self.log(
+                f"wren: fine-tuning ({cfg.finetune.method}): {trainable:,} trainable of {total:,} parameters "
+                f"({trainable / total:.2%}); {parameter_bytes(self.model) / 2**20:.1f} MiB of parameters on this rank; "
+                f"peak memory so far {peak_memory_bytes(env.device) / 2**30:.2f} GiB"
+            )
 
-    def _prepare_data(self):
+    def _data_config(self) -> DataConfig:
+        """`[data]`, tokenised with the pretrained checkpoint's tokenizer when fine-tuning."""
+        if self.source is None:
+            return self.cfg.data
+        tokenizer = tokenizer_for(self.cfg, self.source)
+        if tokenizer is None:
+            raise ConfigError(
+                f"finetune.init_from: {self.source.path} has no sentencepiece tokenizer.model for [data]; "
+                f"set data.tokenizer_path"
+            )
+        return dataclasses.replace(self.cfg.data, tokenizer_path=str(tokenizer))
+
+    def _prepare_chat(self, log) -> PreparedChat:
+        """Chat data tokenised with the checkpoint's tokenizer (a Hugging Face directory's own, with its template)."""
+        cfg = self.cfg
+        try:
+            if self.source.kind == "hf":
+                tokenizer = ChatTokenizer.from_hf(self.source.path)
+            else:
+                tokenizer = ChatTokenizer.from_sentencepiece(tokenizer_for(cfg, self.source))
+            return prepare_chat(cfg.finetune.chat, tokenizer, cfg.data.cache_dir, log=log)
+        except (OSError, ValueError) as err:
+            raise UserError(f"finetune.chat: {err}") from None
+
+    def _prepare_data(self) -> PreparedData | PreparedChat:
         """Build (rank 0 first) or reuse the cached tokenizer and shards; copy the tokenizer to the run."""
+        if self.cfg.finetune.chat.paths:
+            prepare = self._prepare_chat
+        else:
+            prepare = functools.partial(prepare_data_or_fail, self._data_config())
         if self.env.is_main:
-            prepared = prepare_data_or_fail(self.cfg.data, log=self.log)
+            prepared = prepare(log=self.log)
         self.env.barrier()
         if not self.env.is_main:
-            prepared = prepare_data_or_fail(self.cfg.data, log=lambda *_: None)
+            prepared = prepare(log=lambda *_: None)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(prepared.tokenizer_path, self.run_dir / TOKENIZER_FILE)
+            tokenizer = getattr(prepared, "tokenizer_path", None) or tokenizer_for(self.cfg, self.source)
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, self.run_dir / TOKENIZER_FILE)
             (self.run_dir / CONFIG_FILE).write_text(self.cfg.to_toml())
         return prepared
 
+    def _pretrained_model_config(self, vocab_size: int):
+        """The pretrained architecture; its vocabulary must cover the data's tokenizer and its context seq_len."""
+        model_config = pretrained_model_config(self.source)
+        if vocab_size > model_config.vocab_size:
+            raise ConfigError(
+                f"finetune.init_from: the data's tokenizer has {vocab_size} ids, more than the model's "
+                f"vocab_size {model_config.vocab_size}"
+            )
+        if self.cfg.training.seq_len > model_config.max_seq_len:
+            raise ConfigError(
+                f"training.seq_len: {self.cfg.training.seq_len} exceeds the pretrained model's max_seq_len {model_config.max_seq_len}"
+            )
+        return model_config
+
     def _eval_args(self) -> dict:
-        return dict(
-            seq_len=self.cfg.training.seq_len,
-            batch_size=self.cfg.eval.batch_size,
-            max_batches=self.cfg.eval.batches,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-        )
+        return {
+            "seq_len": self.cfg.training.seq_len,
+            "batch_size": self.cfg.eval.batch_size,
+            "max_batches": self.cfg.eval.batches,
+            "rank": self.env.rank,
+            "world_size": self.env.world_size,
+            "mask_shard": self.val_mask,
+        }
 
     def checkpoint_state(self) -> dict:
         """The Stateful parts that make a resume exact."""
@@ -167,8 +267,8 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.dtype)
 
-    def train_step(self, batch: torch.Tensor) -> StepResult:
-        """Forward and backward over the micro-batches of `batch`, then clip and step (or skip)."""
+    def _forward_backward(self, batch: torch.Tensor) -> float:
+        """Accumulate gradients of the mean next-token loss over the micro-batches; returns the global mean."""
         micro = self.cfg.training.micro_batch_size or self.local_batch_size
         chunks = batch.to(self.env.device, non_blocking=True).split(micro)
         loss_sum = torch.zeros((), device=self.env.device)
@@ -180,12 +280,40 @@ class Trainer:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten())
             (loss / len(chunks)).backward()
             loss_sum += loss.detach()
+        (loss_total,) = self.env.all_reduce_sum([loss_sum.item() / len(chunks)])
+        return loss_total / self.env.world_size
+
+    def _masked_forward_backward(self, tokens: torch.Tensor, mask: torch.Tensor) -> float:
+        """As `_forward_backward`, the loss averaged over the global batch's response targets only.
+
+        Each rank scales its summed loss by world_size / (global target count), so that FSDP2's
+        gradient mean over ranks is the gradient of the global mean, at any world size.
+        """
+        micro = self.cfg.training.micro_batch_size or self.local_batch_size
+        targets = next_token_targets(tokens, mask).to(self.env.device, non_blocking=True)
+        tokens = tokens.to(self.env.device, non_blocking=True)
+        (count,) = self.env.all_reduce_sum([float((targets != IGNORE_INDEX).sum())])
+        count = max(count, 1.0)
+        chunks = list(zip(tokens.split(micro), targets.split(micro)))
+        loss_sum = 0.0
+        for index, (chunk, chunk_targets) in enumerate(chunks):
+            if isinstance(self.model, FSDPModule):
+                self.model.set_requires_gradient_sync(index == len(chunks) - 1)
+            with self._autocast():
+                logits = self.model(chunk[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            (loss * (self.env.world_size / count)).backward()
+            loss_sum += loss.item()
+        (loss_total,) = self.env.all_reduce_sum([loss_sum])
+        return loss_total / count
+
+    def train_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> StepResult:
+        """Forward and backward over the micro-batches of `batch` (tokens, or tokens and a response mask), then clip and step (or skip)."""
+        loss_mean = self._masked_forward_backward(*batch) if isinstance(batch, tuple) else self._forward_backward(batch)
         max_norm = self.cfg.training.grad_clip_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        (loss_total,) = self.env.all_reduce_sum([loss_sum.item() / len(chunks)])
-        loss_mean = loss_total / self.env.world_size
         grad_norm = grad_norm.item()
         step = self.progress.step
         lr = self.schedule.lr(step, tokens_seen=step * self.tokens_per_step)
@@ -218,12 +346,13 @@ class Trainer:
         self.model.eval()
         loss_sum, count = 0.0, 0
         for batch in eval_windows(self.val_shard, **self._eval_args()):
-            batch = batch.to(self.env.device)
+            tokens, targets = (batch[0], next_token_targets(*batch)) if isinstance(batch, tuple) else (batch, batch[:, 1:])
+            tokens, targets = tokens.to(self.env.device), targets.to(self.env.device)
             with self._autocast():
-                logits = self.model(batch[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+                logits = self.model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             loss_sum += loss.item()
-            count += batch[:, 1:].numel()
+            count += int((targets != IGNORE_INDEX).sum())
         self.model.train()
         loss_sum, count = self.env.all_reduce_sum([loss_sum, count])
         return loss_sum / max(1, count)
@@ -266,11 +395,14 @@ class Trainer:
         last_checkpoint = self.checkpointer.latest()
         result = StepResult(loss=math.nan, grad_norm=math.nan, lr=0.0, skipped=False)
         interval_start, interval_steps = time.perf_counter(), 0
+        first_step = self.progress.step + 1
         self.model.train()
         try:
             while self.progress.step < total:
                 result = self.train_step(self.loader.next_batch())
                 step, interval_steps = self.progress.step, interval_steps + 1
+                if step == first_step and self.source is not None:
+                    self._log_memory()
                 record = {
                     "train/loss": result.loss,
                     "train/lr": result.lr,
@@ -311,6 +443,14 @@ class Trainer:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
         return self._finish(last_checkpoint, result.loss, eval_loss)
+
+    def _log_memory(self) -> None:
+        """After the first step (optimizer state exists from then on): what fine-tuning costs per rank."""
+        self.log(
+            f"wren: memory per rank after the first step: parameters {parameter_bytes(self.model) / 2**20:.1f} MiB, "
+            f"optimizer state {optimizer_state_bytes(self.optimizer) / 2**20:.2f} MiB, "
+            f"peak {peak_memory_bytes(self.env.device) / 2**30:.2f} GiB"
+        )
 
     def _already_finished(self) -> TrainResult:
         """A rerun of a complete run: report its recorded final losses instead of training or logging again."""

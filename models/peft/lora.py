@@ -25,16 +25,19 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.peft.lora_config import LoraConfig
+from models.peft.pretrained import fill_parameter_
+
 __all__ = [
     "LoRALinear",
     "LoraConfig",
     "apply_lora",
+    "apply_lora_method",
     "freeze_except",
     "lora_modules",
     "lora_state_dict",
@@ -46,46 +49,6 @@ __all__ = [
 ]
 
 LORA_PARAM_NAMES = ("lora_A", "lora_B")
-
-
-@dataclass(kw_only=True)
-class LoraConfig:
-    """Which linear layers get adapters, and their shape.
-
-    Attributes:
-        rank: r, the inner dimension of B A.
-        alpha: the update is scaled by alpha / rank.
-        dropout: dropout probability on the adapter's input (0 = none).
-        target_modules: module-name patterns; a linear layer is adapted when its dotted name
-            equals a pattern, ends with "." + pattern (`"wq"` selects every `...attention.wq`, as
-            `peft` matches), or matches it as a glob (`"layers.0.*"`).
-        trainable_modules: parameter-name patterns (same rules, applied to parameter and module
-            names) left trainable besides the adapters; everything else is frozen.
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
-    trainable_modules: list[str] = field(default_factory=list)
-
-    @property
-    def scaling(self) -> float:
-        """alpha / rank, the multiplier on B A."""
-        return self.alpha / self.rank
-
-    def validate(self) -> None:
-        """Raise ValueError naming the offending field."""
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"rank: must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha: must be positive, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout!r}")
-        if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
-            raise ValueError(f"target_modules: must be a non-empty list of names, got {self.target_modules!r}")
-        if not all(isinstance(p, str) and p for p in self.trainable_modules):
-            raise ValueError(f"trainable_modules: must be a list of names, got {self.trainable_modules!r}")
 
 
 def matches_any(name: str, patterns: Iterable[str]) -> bool:
@@ -114,12 +77,19 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **kwargs))
         self.merged = False
         if not base.weight.is_meta:
-            self.reset_lora_parameters()
+            self.reset_peft_parameters()
 
-    def reset_lora_parameters(self) -> None:
-        """A: nn.Linear's default init (Kaiming-uniform, a = sqrt(5)); B: zeros (Hu et al., section 4.1)."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+    @torch.no_grad()
+    def reset_peft_parameters(self) -> None:
+        """A: nn.Linear's default init (Kaiming-uniform, a = sqrt(5)); B: zeros (Hu et al., section 4.1).
+
+        A is drawn whole from the global RNG, then each rank keeps its FSDP2 rows, so a sharded
+        model seeded alike on every rank gets the same adapters as a single process.
+        """
+        full_a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
+        nn.init.kaiming_uniform_(full_a, a=math.sqrt(5))
+        fill_parameter_(self.lora_A, full_a)
+        fill_parameter_(self.lora_B, torch.zeros(self.lora_B.shape, dtype=self.lora_B.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         """W x + b, plus scaling * B A dropout(x) unless the update is merged."""
@@ -154,6 +124,10 @@ class LoRALinear(nn.Linear):
 
     def _local_weight(self) -> Tensor:
         return self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
+
+    def unload_peft(self) -> nn.Linear:
+        """The plain layer with the adapter folded in (the export protocol of `models.peft`)."""
+        return self.to_linear()
 
     def to_linear(self) -> nn.Linear:
         """A plain `nn.Linear` holding the merged weight (the adapter folded in)."""
@@ -237,4 +211,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and put plain `nn.Linear` layers back (for export); returns `model`."""
     for name, module in list(lora_modules(model)):
         _replace(model, name, module.to_linear())
+    return model
+
+
+def apply_lora_method(model: nn.Module, ctx) -> nn.Module:
+    """Fine-tuning method "lora": adapters as `ctx.cfg.finetune.lora` configures (structure only).
+
+    Safe on a meta-device model: the adapters are initialised later by `reset_peft_parameters`.
+    """
+    cfg = ctx.cfg.finetune.lora
+    try:
+        names = apply_lora(model, cfg)
+    except ValueError as err:
+        raise ValueError(f"finetune.lora.{err}") from None
+    ctx.log(f"wren: LoRA rank {cfg.rank}, alpha {cfg.alpha:g} on {len(names)} linear layers")
     return model

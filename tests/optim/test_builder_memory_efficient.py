@@ -77,3 +77,10 @@ def test_the_transform_factorises_only_when_the_config_asks():
     assert len(logged) == 1 and "low-rank" in logged[0]
     with torch.no_grad():
         assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, TINY.vocab_size)
+
+
+def test_every_optimizer_name_a_config_accepts_has_a_builder():
+    from optim.builder import OPTIMIZERS
+    from optim.config import OPTIMIZER_NAMES
+
+    assert sorted(OPTIMIZERS) == sorted(OPTIMIZER_NAMES)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from models.llama import Llama, LlamaConfig
 from optim.builder import OptimizerConfig, build_optimizer
-from optim.galore import GaLoreConfig, ProjectedAdamW
+from optim.config import GaLoreConfig
+from optim.galore import ProjectedAdamW
 from optim.projector import ShardedProjection, projector_from_svd, side_for
 
 galore_torch = pytest.importorskip("galore_torch")
@@ -121,3 +122,30 @@ def test_refreshed_basis_vectors_keep_the_sign_of_those_they_replace():
         previous = raw * (flips if side == "left" else flips.unsqueeze(1))
         torch.testing.assert_close(projector_from_svd(grad, 4, side, previous), previous)
         torch.testing.assert_close(projector_from_svd(grad, 4, side, raw), raw)
+
+
+def test_plain_adam_in_row_chunks_gives_the_same_numbers_as_in_one_piece(monkeypatch):
+    """The unprojected parameters (embeddings, norms) are updated a block of rows at a time."""
+    import optim.galore as galore
+
+    results = []
+    for chunk in (10**9, 7):  # one piece; blocks of one row of 7 (and a ragged last block)
+        monkeypatch.setattr(galore, "CHUNK_ELEMENTS", chunk)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(11, 7)), torch.nn.Parameter(torch.randn(5))]
+        optimizer = ProjectedAdamW(
+            [{"params": params, "weight_decay": 0.1}],
+            lr=0.01,
+            betas=(0.9, 0.99),
+            eps=1e-8,
+            reset_every_steps=2,
+            reset_warmup_steps=2,
+        )
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        results.append([p.detach().clone() for p in params])
+    for one_piece, chunked in zip(*results):
+        assert torch.equal(one_piece, chunked)

@@ -1,4 +1,4 @@
-"""GaLore, Fira and low-rank training on FSDP2 shards (2 gloo ranks) equal the single-process run.
+"""GaLore, Fira, low-rank and SLTrain training on FSDP2 shards (2 gloo ranks) equal the single-process run.
 
 The runs are in float64. The sharded run sums gradients in another order; in float32 that first
 difference (1e-7) is amplified by Adam's first, sign-like steps and by the chaotic dynamics of a
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from models.llama import Llama, LlamaConfig
 from optim.builder import OptimizerConfig, build_optimizer
-from optim.galore import GaLoreConfig
+from optim.config import GaLoreConfig
 from optim.lowrank import LowRankConfig, factorise
 from tests.distributed import run_on_ranks
 
@@ -27,6 +27,12 @@ VARIANTS = {
     "fira": dict(name="fira", reset_every_steps=15, galore=GaLoreConfig(rank=4, update_proj_gap_steps=10)),
     # factors refactorized and moments reset every 15 steps
     "lowrank": dict(name="lowrank", reset_every_steps=15, lowrank=LowRankConfig(rank=6, refactor_every_steps=15)),
+    # SLTrain: the same plus a sparse part on a fixed support (the index buffer replicated, values sharded)
+    "sltrain": dict(
+        name="lowrank",
+        reset_every_steps=15,
+        lowrank=LowRankConfig(rank=6, refactor_every_steps=15, sparse_density=0.05),
+    ),
 }
 
 

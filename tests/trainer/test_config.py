@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
 import pytest
 
 from trainer.config import JobConfig
@@ -111,3 +113,15 @@ def test_cli_rejects_bad_config_with_one_line_and_exit_2(argv, key, tmp_path):
     assert lines[0].startswith(f"wren: error: {key}")
     assert "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir()), "no work may start before the config is valid"
+
+
+def test_reading_a_recipe_imports_no_torch():
+    """`JobConfig.load` (every section, overrides, validation) stays torch-free, so `wren hparams CONFIG` is quick."""
+    probe = (
+        "import sys\n"
+        "from trainer.config import JobConfig\n"
+        "cfg = JobConfig.load('configs/tiny.toml', ['--optimizer.name=galore', '--schedule.name=wsd'])\n"
+        "cfg.model.build_model_config(cfg.data.vocab_size)\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=Path(__file__).resolve().parents[2])

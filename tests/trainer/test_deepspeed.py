@@ -26,7 +26,9 @@ ZERO_RUNS = {
     "zero1": dict(parallel__zero_stage=1),
     "zero2": dict(parallel__zero_stage=2, training__micro_batch_size=2, parallel__offload_optimizer=True),
     "zero3": dict(parallel__zero_stage=3),
-    "zero3_offload": dict(parallel__zero_stage=3, training__micro_batch_size=2, parallel__offload_optimizer=True),
+    "zero3_offload": dict(
+        parallel__zero_stage=3, training__micro_batch_size=2, parallel__offload_optimizer=True, parallel__offload_params=True
+    ),
 }
 
 

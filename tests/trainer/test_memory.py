@@ -27,6 +27,13 @@ CASES = {
     "adamw": {},
     "galore": dict(optimizer__name="galore", optimizer__galore__rank=8),
     "fira_lowrank": dict(optimizer__name="fira", optimizer__galore__rank=4, optimizer__lowrank__rank=8),
+    "sltrain": dict(
+        optimizer__name="lowrank",
+        optimizer__lowrank__rank=8,
+        optimizer__lowrank__sparse_density=0.05,
+        optimizer__lowrank__refactor_every_steps=2,
+        optimizer__reset_every_steps=2,
+    ),
 }
 
 
@@ -67,7 +74,7 @@ def within(estimate: int, measured: int, tolerance: float = 0.10) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, world", [("adamw", 1), ("galore", 2), ("fira_lowrank", 1)])
+@pytest.mark.parametrize("case, world", [("adamw", 1), ("galore", 2), ("fira_lowrank", 1), ("sltrain", 2)])
 def test_estimate_is_within_10_percent_of_a_short_run(corpus, data_cache, tmp_path, case, world):
     torch.set_num_threads(1)
     args = overrides(corpus, data_cache, tmp_path, case, case)
