@@ -66,6 +66,8 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 ReturnToService=2
+# A job requeued with a later StartTime is started by the backfill pass: run it every second, not every 30.
+SchedulerParameters=bf_interval=1
 MinJobAge=600
 KillWait=30
 StateSaveLocation=$dir/state

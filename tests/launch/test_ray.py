@@ -20,29 +20,19 @@ from tests.launch.waiting import last_logged_step, wait_until
 from tests.trainer.jobs import losses, tiny_overrides
 
 TRAIN_SH = Path(__file__).resolve().parents[2] / "launch" / "train.sh"
-STEPS = 12
-COMMON = dict(training__steps=STEPS, checkpoint__every_steps=4, parallel__num_threads=1)
 
 
-@pytest.fixture(scope="module")
-def torchrun_losses(corpus, data_cache, tmp_path_factory) -> dict[int, float]:
-    root = tmp_path_factory.mktemp("torchrun")
-    overrides = tiny_overrides(corpus, data_cache, root, "reference", **COMMON)
-    proc = subprocess.run(["bash", str(TRAIN_SH), "--nproc", "2", *overrides], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return losses(root / "reference")
-
-
-def assert_same_losses(want: dict[int, float], got: dict[int, float]) -> None:
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+def assert_same_losses(want: dict[int, float], got: dict[int, float], steps: int) -> None:
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, want[step], got[step])
 
 
 @pytest.mark.slow
-def test_submitted_job_survives_a_killed_worker_and_matches_torchrun(ray_cluster, torchrun_losses, corpus, data_cache, tmp_path):
+def test_submitted_job_survives_a_killed_worker_and_matches_torchrun(ray_cluster, reference_2ranks, corpus, data_cache, tmp_path):
     address, env, temp_dir = ray_cluster
-    overrides = tiny_overrides(corpus, data_cache, tmp_path, "ray", **COMMON)
+    steps = reference_2ranks.settings["training__steps"]
+    overrides = tiny_overrides(corpus, data_cache, tmp_path, "ray", checkpoint__every_steps=4, **reference_2ranks.settings)
     run = tmp_path / "ray"
     job = subprocess.Popen(
         ["bash", str(TRAIN_SH), "--launcher", "ray", "--address", address, "--nproc", "2", "--max-restarts", "1", *overrides],
@@ -58,14 +48,14 @@ def test_submitted_job_survives_a_killed_worker_and_matches_torchrun(ray_cluster
         job.kill()
     assert job.returncode == 0, out[-5000:]
     assert "resumed from" in out and "succeeded" in out
-    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
-    assert f"'step': {STEPS}" in out, "the final metrics should reach the driver"
-    assert_same_losses(torchrun_losses, losses(run))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
+    assert f"'step': {steps}" in out, "the final metrics should reach the driver"
+    assert_same_losses(reference_2ranks.losses, losses(run), steps)
 
 
 @pytest.mark.slow
-def test_without_an_address_a_local_cluster_runs_the_job(torchrun_losses, corpus, data_cache, tmp_path):
-    overrides = tiny_overrides(corpus, data_cache, tmp_path, "ray_local", **COMMON)
+def test_without_an_address_a_local_cluster_runs_the_job(reference_2ranks, corpus, data_cache, tmp_path):
+    overrides = tiny_overrides(corpus, data_cache, tmp_path, "ray_local", **reference_2ranks.settings)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHON": sys.executable}
     proc = subprocess.Popen(
         ["bash", str(TRAIN_SH), "--launcher", "ray", "--nproc", "2", *overrides],
@@ -79,4 +69,4 @@ def test_without_an_address_a_local_cluster_runs_the_job(torchrun_losses, corpus
                 child.kill()
     assert proc.returncode == 0, out[-5000:]
     assert "Ray Train with 2 worker(s)" in out
-    assert_same_losses(torchrun_losses, losses(tmp_path / "ray_local"))
+    assert_same_losses(reference_2ranks.losses, losses(tmp_path / "ray_local"), reference_2ranks.settings["training__steps"])

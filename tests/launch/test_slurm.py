@@ -3,7 +3,8 @@
 Both layouts run 2 ranks: torchrun inside one srun task per node, and one srun task per rank
 (rank from SLURM_PROCID). The torchrun job is preempted the way SLURM does it before a time limit
 (SIGUSR1 to the batch shell): it must checkpoint, requeue itself and finish after the restart
-with the losses of a single-process run.
+with the losses of a single-process run; the one-task-per-rank job has the losses of the same
+run under torchrun.
 """
 
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from tests.launch.slurm_cluster import job_field, submitted_job_id, wait_for_job_state
 from tests.launch.waiting import last_logged_step, wait_until
-from tests.trainer.jobs import losses, tiny_overrides, train_job
+from tests.trainer.jobs import losses, tiny_overrides
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
@@ -31,12 +32,10 @@ def job_output(directory: Path, job_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_torchrun_job_is_preempted_requeued_and_matches_one_process(slurm, corpus, data_cache, tmp_path):
-    steps = 40
-    common = dict(training__steps=steps, checkpoint__every_steps=50, parallel__num_threads=1)
-    train_job(tiny_overrides(corpus, data_cache, tmp_path, "single", **common))
-
-    overrides = tiny_overrides(corpus, data_cache, tmp_path, "slurm", **common)
+def test_torchrun_job_is_preempted_requeued_and_matches_one_process(slurm, corpus, data_cache, tmp_path, reference):
+    steps = reference.settings["training__steps"]
+    # Checkpoints only at the end: the one the restart resumes from is the preemption's.
+    overrides = tiny_overrides(corpus, data_cache, tmp_path, "slurm", checkpoint__every_steps=0, **reference.settings)
     env = {**slurm, "PYTHON": sys.executable}
     submit = subprocess.run(
         ["bash", str(LAUNCH / "train.sh"), "--launcher", "slurm", "--nproc", "2", *overrides],
@@ -65,14 +64,13 @@ def test_torchrun_job_is_preempted_requeued_and_matches_one_process(slurm, corpu
     assert f"resumed from {run / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}" in out
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
     assert (run / "checkpoints" / f"step_{steps:08d}" / ".metadata").is_file()
-    assert_same_losses(losses(tmp_path / "single"), losses(run), steps)
+    assert_same_losses(reference.losses, losses(run), steps)
 
 
 @pytest.mark.slow
-def test_one_task_per_rank_reads_its_rank_from_slurm(slurm, corpus, data_cache, tmp_path):
-    steps = 6
-    train_job(tiny_overrides(corpus, data_cache, tmp_path, "single", training__steps=steps))
-    overrides = tiny_overrides(corpus, data_cache, tmp_path, "tasks", training__steps=steps, parallel__num_threads=1)
+def test_one_task_per_rank_reads_its_rank_from_slurm(slurm, corpus, data_cache, tmp_path, reference_2ranks):
+    steps = reference_2ranks.settings["training__steps"]
+    overrides = tiny_overrides(corpus, data_cache, tmp_path, "tasks", **reference_2ranks.settings)
     env = {**slurm, "WREN_PYTHON": sys.executable}
     submit = subprocess.run(
         ["sbatch", "--ntasks-per-node=2", str(LAUNCH / "slurm.sbatch"), *overrides],
@@ -86,4 +84,4 @@ def test_one_task_per_rank_reads_its_rank_from_slurm(slurm, corpus, data_cache, 
     assert "2 task(s)" in out and "torch.distributed.run" not in out
     assert "FSDP2 fully_shard over 2 ranks" in out
     assert (tmp_path / "tasks" / "checkpoints" / f"step_{steps:08d}" / ".metadata").is_file()
-    assert_same_losses(losses(tmp_path / "single"), losses(tmp_path / "tasks"), steps)
+    assert_same_losses(reference_2ranks.losses, losses(tmp_path / "tasks"), steps)

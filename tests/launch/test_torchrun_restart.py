@@ -21,21 +21,17 @@ def _ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_killed_rank_is_restarted_and_the_run_matches_an_uninterrupted_one(corpus, data_cache, tmp_path):
-    steps = 30
-    common = dict(training__steps=steps, checkpoint__every_steps=4, schedule__name="cosine", parallel__num_threads=1)
+def test_killed_rank_is_restarted_and_the_run_matches_an_uninterrupted_one(corpus, data_cache, tmp_path, reference_2ranks):
+    steps = reference_2ranks.settings["training__steps"]
     env = {**os.environ, "PYTHON": sys.executable}
-    reference = tiny_overrides(corpus, data_cache, tmp_path, "reference", **common)
-    subprocess.run(["bash", str(TRAIN_SH), "--nproc", "2", *reference], check=True, capture_output=True, env=env, timeout=300)
-
-    killed = tiny_overrides(corpus, data_cache, tmp_path, "killed", **common)
+    killed = tiny_overrides(corpus, data_cache, tmp_path, "killed", checkpoint__every_steps=4, **reference_2ranks.settings)
     run = tmp_path / "killed"
     launcher = subprocess.Popen(
         ["bash", str(TRAIN_SH), "--nproc", "2", "--max-restarts", "1", *killed],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
-        wait_until(lambda: last_logged_step(run) >= 10, "step 10", alive=lambda: launcher.poll() is None)
+        wait_until(lambda: last_logged_step(run) >= 6, "step 6", alive=lambda: launcher.poll() is None)
         first_ranks = _ranks(launcher)
         assert len(first_ranks) == 2
         first_ranks[1].send_signal(signal.SIGKILL)
@@ -44,7 +40,7 @@ def test_killed_rank_is_restarted_and_the_run_matches_an_uninterrupted_one(corpu
         launcher.kill()
     assert launcher.returncode == 0, out[-4000:]
     assert "resumed from" in out, "the restarted ranks should resume from the last checkpoint"
-    want, got = losses(tmp_path / "reference"), losses(run)
+    want, got = reference_2ranks.losses, losses(run)
     assert sorted(got) == list(range(1, steps + 1))
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, want[step], got[step])

@@ -9,15 +9,13 @@ import subprocess
 import sys
 
 from optim.mup_check import CoordCheck
-from tests.trainer.jobs import make_corpus
 from trainer.config_loader import override_args
 
 
-def test_coord_check_is_flat_under_mup_and_grows_without(tmp_path):
-    corpus = make_corpus(tmp_path / "corpus")
+def test_coord_check_is_flat_under_mup_and_grows_without(corpus, data_cache, tmp_path):
     overrides = override_args({
         "run.name": "cc", "run.output_dir": str(tmp_path), "data.source": "text", "data.paths": [str(corpus)],
-        "data.vocab_size": 512, "data.cache_dir": str(tmp_path / "cache"), "model.n_layers": 2, "model.n_heads": 4,
+        "data.vocab_size": 512, "data.cache_dir": str(data_cache), "model.n_layers": 2, "model.n_heads": 4,
         "model.n_kv_heads": 2, "training.seq_len": 32, "training.global_batch_size": 8, "mup.base_dim": 32,
     })
     out = tmp_path / "cc.png"

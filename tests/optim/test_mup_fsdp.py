@@ -1,7 +1,7 @@
 """muP under FSDP2: the same per-parameter lr scales and the same training run as one process."""
 
 from tests.distributed import run_on_ranks
-from tests.trainer.jobs import losses, make_corpus, tiny_overrides
+from tests.trainer.jobs import losses, tiny_overrides
 
 
 def mup_job(overrides: list[str]) -> dict:
@@ -19,13 +19,12 @@ def mup_job(overrides: list[str]) -> dict:
     return {"scales": scales, "logit_scale": config.logit_scale, "attention_scale": config.attention_scale}
 
 
-def test_mup_under_fsdp2_matches_one_process(tmp_path):
-    corpus = make_corpus(tmp_path / "corpus")
+def test_mup_under_fsdp2_matches_one_process(corpus, data_cache, tmp_path):
     common = dict(mup__enabled=True, mup__base_dim=32, training__steps=6, model__dim=128, model__ffn_hidden_dim=256,
                   optimizer__lr=1e-2, parallel__num_threads=1)
 
     def overrides(name):
-        return tiny_overrides(corpus, tmp_path / "cache", tmp_path, name, **common)
+        return tiny_overrides(corpus, data_cache, tmp_path, name, **common)
 
     single = mup_job(overrides("single"))
     sharded = run_on_ranks(mup_job, 2, overrides("sharded"))[0]

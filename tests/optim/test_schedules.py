@@ -199,53 +199,44 @@ def test_bad_config_names_the_field(fields, key):
 # --- real runs: resume mid-decay and a branched decay ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def job_dirs(tmp_path_factory):
-    from tests.trainer.jobs import make_corpus
-
-    return make_corpus(tmp_path_factory.mktemp("corpus")), tmp_path_factory.mktemp("data_cache")
-
-
 def _records(run_dir):
     from trainer.metrics import read_metrics
 
     return {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
 
 
-def test_wsd_run_resumed_mid_decay_equals_the_uninterrupted_run(job_dirs, tmp_path):
+def test_wsd_run_resumed_mid_decay_equals_the_uninterrupted_run(corpus, data_cache, tmp_path):
     from tests.trainer.jobs import tiny_overrides, train_job
     from trainer.checkpoint import LATEST
 
-    corpus, cache = job_dirs
     common = dict(training__steps=12, schedule__name="wsd", schedule__decay_fraction=0.5, checkpoint__every_steps=3,
                   checkpoint__keep_last=4, parallel__num_threads=1)
-    train_job(tiny_overrides(corpus, cache, tmp_path, "reference", **common))
-    resumed = tiny_overrides(corpus, cache, tmp_path, "resumed", **common)
+    resumed = tiny_overrides(corpus, data_cache, tmp_path, "resumed", **common)
     train_job(resumed)
+    want = _records(tmp_path / "resumed")  # the uninterrupted run, read before the resumed tail rewrites it
     checkpoints = tmp_path / "resumed" / "checkpoints"
     (checkpoints / LATEST).write_text("step_00000009")  # decay runs over steps 7..12: resume at 9
     import shutil
 
     shutil.rmtree(checkpoints / "step_00000012")
     train_job(resumed)
-    want, got = _records(tmp_path / "reference"), _records(tmp_path / "resumed")
+    got = _records(tmp_path / "resumed")
     assert sorted(got) == list(range(1, 13))
     assert [got[s]["train/lr"] for s in got] == [want[s]["train/lr"] for s in want]
     assert want[12]["train/lr"] < want[9]["train/lr"] < want[6]["train/lr"]  # 9 really is mid-decay
     assert [got[s]["train/loss"] for s in got] == [want[s]["train/loss"] for s in want]
 
 
-def test_decay_from_branches_a_decay_from_a_stable_checkpoint(job_dirs, tmp_path):
+def test_decay_from_branches_a_decay_from_a_stable_checkpoint(corpus, data_cache, tmp_path):
     from tests.trainer.jobs import tiny_overrides, train_job
 
-    corpus, cache = job_dirs
     peak = 3e-3
     common = dict(schedule__name="wsd", schedule__decay_shape="linear", schedule__min_lr_ratio=0.0,
                   optimizer__lr=peak, parallel__num_threads=1)
-    train_job(tiny_overrides(corpus, cache, tmp_path, "main", training__steps=16, schedule__decay_fraction=0.25,
+    train_job(tiny_overrides(corpus, data_cache, tmp_path, "main", training__steps=16, schedule__decay_fraction=0.25,
                              checkpoint__every_steps=4, checkpoint__keep_last=4, **common))
     stable = tmp_path / "main" / "checkpoints" / "step_00000008"
-    train_job(tiny_overrides(corpus, cache, tmp_path, "branch", training__steps=12, schedule__decay_from=str(stable), **common))
+    train_job(tiny_overrides(corpus, data_cache, tmp_path, "branch", training__steps=12, schedule__decay_from=str(stable), **common))
     main, branch = _records(tmp_path / "main"), _records(tmp_path / "branch")
     assert sorted(branch) == [9, 10, 11, 12]  # continues the main run's step counter
     # The branch decays linearly from the peak over steps 9..12 (T = 8, S = 12) ...
@@ -256,18 +247,16 @@ def test_decay_from_branches_a_decay_from_a_stable_checkpoint(job_dirs, tmp_path
     assert branch[9]["data/tokens_consumed"] == main[9]["data/tokens_consumed"]
 
 
-def test_decay_from_a_decay_phase_checkpoint_is_a_clear_error(job_dirs, tmp_path):
+def test_decay_from_a_decay_phase_checkpoint_is_a_clear_error(corpus, data_cache, tmp_path):
     import subprocess
     import sys
 
-    from tests.trainer.jobs import tiny_overrides
+    from tests.trainer.jobs import tiny_overrides, train_job
 
-    corpus, cache = job_dirs
     common = dict(schedule__name="wsd", parallel__num_threads=1)
-    source = tiny_overrides(corpus, cache, tmp_path, "main", training__steps=8, schedule__decay_fraction=0.5, **common)
-    subprocess.run([sys.executable, "-m", "trainer.cli", "train", *source], check=True, capture_output=True, timeout=300)
+    train_job(tiny_overrides(corpus, data_cache, tmp_path, "main", training__steps=8, schedule__decay_fraction=0.5, **common))
     late = tmp_path / "main" / "checkpoints" / "step_00000008"
-    branch = tiny_overrides(corpus, cache, tmp_path, "branch", training__steps=12, schedule__decay_from=str(late), **common)
+    branch = tiny_overrides(corpus, data_cache, tmp_path, "branch", training__steps=12, schedule__decay_from=str(late), **common)
     result = subprocess.run([sys.executable, "-m", "trainer.cli", "train", *branch], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "already in its decay phase" in result.stderr and "Traceback" not in result.stderr
