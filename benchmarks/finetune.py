@@ -267,6 +267,9 @@ def pretrain(args: argparse.Namespace, out: Path) -> None:
     )
     cmd = [sys.executable, "-m", "trainer.cli", "train", "configs/tiny.toml", *override_args(values)]
     subprocess.run(cmd, check=True, cwd=ROOT)
+    latest = (out / "base" / "checkpoints" / "latest").read_text().strip()
+    if latest != f"step_{args.pretrain_steps:08d}":
+        raise SystemExit(f"benchmark: the base run stopped early ({latest}); rerun")
 
 
 def main() -> int:
