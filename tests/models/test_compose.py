@@ -71,7 +71,7 @@ def test_compose_adds_deltas_in_any_order_and_loads(setup):
         torch.testing.assert_close(hf(tokens).logits, wren(tokens), rtol=1e-5, atol=1e-5)
 
 
-def test_compose_user_errors_are_one_line(setup, tmp_path):
+def test_compose_user_errors_are_one_line(setup, tmp_path, capsys):
     root, _, (first, _) = setup
     bad = save_sparse_deltas(tmp_path / "bad.safetensors", {"layers.9.attention.wq.weight": (torch.tensor([0]), torch.tensor([1.0]), (32, 32))})
     cases = [
@@ -79,11 +79,19 @@ def test_compose_user_errors_are_one_line(setup, tmp_path):
         ([str(root / "base"), str(bad)], "is not a weight of the base model"),
         ([str(root / "base"), str(tmp_path / "missing.safetensors")], "missing.safetensors"),
     ]
-    for args, message in cases:
-        out = tmp_path / "out"
-        result = subprocess.run(
-            [sys.executable, "-m", "trainer.cli", "compose", *args, "-o", str(out)], check=False, capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode == 1, result.stderr
-        assert message in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-        assert not out.exists()
+    out = tmp_path / "out"
+    # The first case through the real entry point in a fresh interpreter (nothing else reaches
+    # stderr); the others through the same `main` in this process (one interpreter start, not three).
+    args, message = cases[0]
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "compose", *args, "-o", str(out)], check=False, capture_output=True, text=True, timeout=120
+    )
+    outcomes = [(result.returncode, result.stderr, message)]
+    capsys.readouterr()
+    for args, message in cases[1:]:
+        code = main(["compose", *args, "-o", str(out)])
+        outcomes.append((code, capsys.readouterr().err, message))
+    for code, stderr, message in outcomes:
+        assert code == 1, stderr
+        assert message in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -19,6 +19,7 @@ from tests.distributed import run_on_ranks
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden_dim=48, max_seq_len=16)
 STEPS, BATCH = 8, 4
+SELECTIONS = ["ag", "ma"]  # SpIEL-AG (accumulated gradients) and SpIEL-MA (SM3 momenta)
 
 
 class _Ctx:
@@ -28,7 +29,8 @@ class _Ctx:
 def _train(world_size: int, selection: str) -> dict:
     mesh, rank = None, 0
     if world_size > 1:
-        torch.distributed.init_process_group("gloo")
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
         rank = torch.distributed.get_rank()
         mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world_size,))
     torch.set_num_threads(1)
@@ -59,11 +61,22 @@ def _train(world_size: int, selection: str) -> dict:
     return {"supports": supports, "deltas": deltas, "frozen_changed": frozen_changed, "replaced": dict(selector.replaced)}
 
 
+def _train_each(world_size: int, selections: list[str]) -> dict:
+    """`_train` for every selection in turn, in this process: selection -> result."""
+    return {selection: _train(world_size, selection) for selection in selections}
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    """Both selections trained on 2 gloo ranks, in one launch: per rank, selection -> result."""
+    return run_on_ranks(_train_each, 2, 2, SELECTIONS)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("selection", ["ag", "ma"])
-def test_spiel_two_ranks_equal_one_process(selection):
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_spiel_two_ranks_equal_one_process(selection, two_ranks):
     single = _train(1, selection)
-    ranks = run_on_ranks(_train, 2, 2, selection)
+    ranks = [results[selection] for results in two_ranks]
     assert single["frozen_changed"] == []
     assert sum(single["replaced"].values()) > 0
     for result in ranks:

@@ -8,16 +8,21 @@ import pytest
 import torch
 
 from tests.distributed import run_on_ranks
-from tests.trainer.jobs import losses, tiny_overrides, train_job
+from tests.trainer.finetune_jobs import (
+    branch,
+    finetune_job,
+    finetune_jobs,
+    losses_after,
+    pretrained_base,
+)
+from tests.trainer.jobs import losses, tiny_overrides
 from trainer.export_hf import load_model_from_run
 
 
 @pytest.fixture(scope="module")
 def base_run(corpus, data_cache, tmp_path_factory):
     """A few steps of pretraining: the checkpoint every fine-tuning test starts from."""
-    root = tmp_path_factory.mktemp("base")
-    train_job(tiny_overrides(corpus, data_cache, root, "base", training__steps=4))
-    return root / "base"
+    return pretrained_base(corpus, data_cache, tmp_path_factory)
 
 
 def finetune_overrides(corpus, data_cache, root, name, base, **extra):
@@ -25,58 +30,6 @@ def finetune_overrides(corpus, data_cache, root, name, base, **extra):
     values = {"finetune__method": "lora", "finetune__init_from": str(base), "finetune__lora__rank": 4, "optimizer__lr": 1e-2}
     values.update(extra)
     return tiny_overrides(corpus, data_cache, root, name, **values)
-
-
-def finetune_job(overrides: list[str]) -> dict:
-    """Train in this process (a rank under the harness); report what trained and the frozen weights."""
-    from trainer.config import JobConfig
-    from trainer.distributed import init_distributed, world_size_from_env
-    from trainer.train import Trainer
-
-    torch.set_num_threads(1)
-    cfg = JobConfig.load(None, overrides, world_size=world_size_from_env())
-    trainer = Trainer(cfg, init_distributed(cfg.parallel))
-    trainer.fit()
-    params = dict(trainer.model.named_parameters())
-
-    def full(p):
-        return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().numpy()
-
-    return {
-        "with_state": sorted(name for name, p in params.items() if p in trainer.optimizer.state),
-        "trainable": sorted(name for name, p in params.items() if p.requires_grad),
-        "frozen": {name: full(p) for name, p in params.items() if not p.requires_grad},
-    }
-
-
-@pytest.mark.slow
-def test_lora_two_ranks_match_one_rank_and_train_only_adapters(corpus, data_cache, tmp_path, base_run):
-    single = finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "one", base_run))
-    sharded = run_on_ranks(finetune_job, 2, finetune_overrides(corpus, data_cache, tmp_path, "two", base_run))[0]
-
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == list(range(1, 11))
-    for step in one:
-        assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
-
-    for result in (single, sharded):
-        assert result["trainable"] and all(n.endswith((".lora_A", ".lora_B")) for n in result["trainable"])
-        assert result["with_state"] == result["trainable"]
-
-    base, _, _ = load_model_from_run(base_run)  # the oracle: the pretrained run's own weights
-    base_weights = {name: p.detach() for name, p in base.named_parameters()}
-    for result in (single, sharded):
-        assert set(result["frozen"]) == set(base_weights)
-        for name, value in result["frozen"].items():
-            assert torch.equal(torch.from_numpy(value), base_weights[name]), name
-
-
-def test_lora_resume_continues_exactly(corpus, data_cache, tmp_path, base_run):
-    common = {"checkpoint__every_steps": 3, "training__steps": 6, "schedule__name": "constant"}
-    finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "reference", base_run, **common))
-    finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "resumed", base_run, **{**common, "training__steps": 3}))
-    finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "resumed", base_run, **common))
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "reference")
 
 
 def write_chat(path):
@@ -90,22 +43,68 @@ def write_chat(path):
     return path
 
 
+@pytest.fixture(scope="module")
+def chat_extra(tmp_path_factory):
+    """Overrides of the chat runs: a small instruction set (loss on responses only), 3 steps."""
+    chat = write_chat(tmp_path_factory.mktemp("chat") / "chat.jsonl")
+    return {"finetune__chat__paths": [str(chat)], "finetune__chat__val_fraction": 0.2, "training__steps": 3}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(corpus, data_cache, tmp_path_factory, base_run, chat_extra):
+    """The 2-rank runs of this file (LoRA on `[data]`, LoRA on chat data) in one launch of the
+    ranks: (runs root, run name -> rank 0's report)."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    runs = {"lora": {}, "chat": chat_extra}
+    jobs = [finetune_overrides(corpus, data_cache, root, name, base_run, **extra) for name, extra in runs.items()]
+    return root, dict(zip(runs, run_on_ranks(finetune_jobs, 2, jobs)[0]))
+
+
 @pytest.mark.slow
-def test_chat_from_wren_run_and_hugging_face_dir_on_one_and_two_ranks(corpus, data_cache, tmp_path, base_run):
+def test_lora_two_ranks_match_one_rank_and_train_only_adapters(corpus, data_cache, tmp_path, base_run, two_ranks):
+    root, reports = two_ranks
+    single = finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "one", base_run))
+    sharded = reports["lora"]
+
+    one, two = losses(tmp_path / "one"), losses(root / "lora")
+    assert sorted(one) == sorted(two) == list(range(1, 11))
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+
+    for result in (single, sharded):
+        assert result["trainable"] and all(n.endswith((".lora_A", ".lora_B")) for n in result["trainable"])
+        assert result["with_state"] == sorted(result["trainable"])
+
+    base, _, _ = load_model_from_run(base_run)  # the oracle: the pretrained run's own weights
+    base_weights = {name: p.detach() for name, p in base.named_parameters()}
+    for result in (single, sharded):
+        assert set(result["frozen"]) == set(base_weights)
+        for name, value in result["frozen"].items():
+            assert torch.equal(torch.from_numpy(value), base_weights[name]), name
+
+
+def test_lora_resume_continues_exactly(corpus, data_cache, tmp_path, base_run):
+    common = {"checkpoint__every_steps": 3, "training__steps": 6, "schedule__name": "constant"}
+    finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "reference", base_run, **common))
+    branch(tmp_path / "reference", tmp_path / "resumed", 3)  # as if "resumed" had stopped after step 3
+    finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "resumed", base_run, **common))
+    assert losses(tmp_path / "resumed") == losses_after(tmp_path / "reference", 3)
+
+
+@pytest.mark.slow
+def test_chat_from_wren_run_and_hugging_face_dir_on_one_and_two_ranks(corpus, data_cache, tmp_path, base_run, chat_extra, two_ranks):
     """Chat data (loss on responses only) trains identically on 1 and 2 ranks, and from the base run
     exported to Hugging Face (its safetensors, its tokenizer) exactly as from the wren run itself."""
     from trainer.export_hf import export_hf
 
+    root, _ = two_ranks
     hf_dir = export_hf(base_run, tmp_path / "base_hf")
-    chat = write_chat(tmp_path / "chat.jsonl")
-    extra = {"finetune__chat__paths": [str(chat)], "finetune__chat__val_fraction": 0.2, "training__steps": 3}
-    finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "one", base_run, **extra))
-    run_on_ranks(finetune_job, 2, finetune_overrides(corpus, data_cache, tmp_path, "two", base_run, **extra))
-    finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "from_hf", hf_dir, **extra))
+    finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "one", base_run, **chat_extra))
+    finetune_job(finetune_overrides(corpus, data_cache, tmp_path, "from_hf", hf_dir, **chat_extra))
     want = losses(tmp_path / "one")
     assert sorted(want) == [1, 2, 3]
-    for name in ("two", "from_hf"):
-        got = losses(tmp_path / name)
+    for name, run_dir in (("two", root / "chat"), ("from_hf", tmp_path / "from_hf")):
+        got = losses(run_dir)
         assert sorted(got) == sorted(want), name
         for step in want:
             assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (name, step, want[step], got[step])

@@ -13,18 +13,29 @@ import torch
 from models.peft.loram_config import LoramConfig
 from models.peft.prune import prune_model
 from tests.distributed import run_on_ranks
-from tests.trainer.jobs import losses, tiny_overrides, train_job
+from tests.trainer.finetune_jobs import (
+    branch,
+    finetune_job,
+    finetune_jobs,
+    losses_after,
+    pretrained_base,
+)
+from tests.trainer.jobs import losses, tiny_overrides
 from trainer.export_hf import export_hf, load_model_from_run
 
 TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+# The variants that run on 1 process and on 2 ranks (all 2-rank runs share one launch of the ranks).
+VARIANTS = {
+    "loram": {},
+    "qloram": {"finetune__loram__quantize": "nf4"},
+    "alignment": {"finetune__loram__alignment_steps": 3, "finetune__loram__alignment_lr": 1e-3},
+}
 
 
 @pytest.fixture(scope="module")
 def base_run(corpus, data_cache, tmp_path_factory):
     """A few steps of pretraining: the checkpoint every fine-tuning test starts from."""
-    root = tmp_path_factory.mktemp("base")
-    train_job(tiny_overrides(corpus, data_cache, root, "base", training__steps=4))
-    return root / "base"
+    return pretrained_base(corpus, data_cache, tmp_path_factory)
 
 
 def loram_overrides(corpus, data_cache, root, name, base, **extra):
@@ -38,23 +49,12 @@ def loram_overrides(corpus, data_cache, root, name, base, **extra):
     return tiny_overrides(corpus, data_cache, root, name, **values)
 
 
-def loram_job(overrides: list[str]) -> dict:
-    """Train in this process (a rank under the harness); report what trained and the frozen weights."""
-    from trainer.config import JobConfig
-    from trainer.distributed import init_distributed, world_size_from_env
-    from trainer.train import Trainer
-
-    torch.set_num_threads(1)
-    cfg = JobConfig.load(None, overrides, world_size=world_size_from_env())
-    trainer = Trainer(cfg, init_distributed(cfg.parallel))
-    trainer.fit()
-    params = dict(trainer.model.named_parameters())
-    full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().numpy()
-    return {
-        "with_state": sorted(name for name, p in params.items() if p in trainer.optimizer.state),
-        "trainable": sorted(name for name, p in params.items() if p.requires_grad),
-        "frozen": {name: full(p) for name, p in params.items() if not p.requires_grad},
-    }
+@pytest.fixture(scope="module")
+def two_ranks(corpus, data_cache, tmp_path_factory, base_run):
+    """Every variant trained on 2 gloo ranks, in one launch: (runs root, variant -> rank 0's report)."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    jobs = [loram_overrides(corpus, data_cache, root, name, base_run, **extra) for name, extra in VARIANTS.items()]
+    return root, dict(zip(VARIANTS, run_on_ranks(finetune_jobs, 2, jobs)[0]))
 
 
 def _close_losses(a, b) -> None:
@@ -63,30 +63,36 @@ def _close_losses(a, b) -> None:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
+def _pruned_base(base_run):
+    """The oracle for the frozen weights: the base run's weights, pruned here."""
+    base, _, _ = load_model_from_run(base_run)
+    pruned = copy.deepcopy(base)
+    prune_model(pruned, LoramConfig(prune_ratio=0.5, keep_first_layers=0, keep_last_layers=0))
+    return pruned
+
+
 @pytest.mark.slow
-def test_loram_two_ranks_match_one_rank_and_export_merges_into_the_full_model(corpus, data_cache, tmp_path, base_run):
+def test_loram_two_ranks_match_one_rank_and_export_merges_into_the_full_model(corpus, data_cache, tmp_path, base_run, two_ranks):
     import peft
     import transformers
 
-    single = loram_job(loram_overrides(corpus, data_cache, tmp_path, "one", base_run))
-    sharded = run_on_ranks(loram_job, 2, loram_overrides(corpus, data_cache, tmp_path, "two", base_run))[0]
-    _close_losses(losses(tmp_path / "one"), losses(tmp_path / "two"))
+    root, reports = two_ranks
+    single = finetune_job(loram_overrides(corpus, data_cache, tmp_path, "one", base_run))
+    sharded = reports["loram"]
+    _close_losses(losses(tmp_path / "one"), losses(root / "loram"))
 
-    base, _, _ = load_model_from_run(base_run)
-    pruned = copy.deepcopy(base)  # the oracle for the frozen weights: the base run's weights, pruned here
-    prune_model(pruned, LoramConfig(prune_ratio=0.5, keep_first_layers=0, keep_last_layers=0))
-    expected = {name: p.detach() for name, p in pruned.named_parameters()}
+    expected = {name: p.detach() for name, p in _pruned_base(base_run).named_parameters()}
     for result in (single, sharded):
         assert result["trainable"] and all(n.endswith((".lora_A", ".lora_B")) for n in result["trainable"])
-        assert result["with_state"] == result["trainable"]
+        assert result["with_state"] == sorted(result["trainable"])
         assert len(result["trainable"]) == 2 * 7 * 2
         assert set(result["frozen"]) == set(expected)
         for name, value in result["frozen"].items():
             assert torch.equal(torch.from_numpy(value), expected[name]), name
 
     export_hf(base_run, tmp_path / "base_hf")
-    export_hf(tmp_path / "two", tmp_path / "merged")  # `wren export-hf`, dispatched to models.peft.loram:export_loram
-    export_hf(tmp_path / "two", tmp_path / "adapter", adapter=True)
+    export_hf(root / "loram", tmp_path / "merged")  # `wren export-hf`, dispatched to models.peft.loram:export_loram
+    export_hf(root / "loram", tmp_path / "adapter", adapter=True)
     tokens = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -100,13 +106,13 @@ def test_loram_two_ranks_match_one_rank_and_export_merges_into_the_full_model(co
 
 
 @pytest.mark.slow
-def test_qloram_two_ranks_match_one_rank(corpus, data_cache, tmp_path, base_run):
-    extra = {"finetune__loram__quantize": "nf4"}
-    single = loram_job(loram_overrides(corpus, data_cache, tmp_path, "one", base_run, **extra))
-    sharded = run_on_ranks(loram_job, 2, loram_overrides(corpus, data_cache, tmp_path, "two", base_run, **extra))[0]
-    _close_losses(losses(tmp_path / "one"), losses(tmp_path / "two"))
-    for result in (single, sharded):
-        assert all(n.endswith((".lora_A", ".lora_B")) for n in result["trainable"]) and result["with_state"] == result["trainable"]
+def test_qloram_two_ranks_match_one_rank(corpus, data_cache, tmp_path, base_run, two_ranks):
+    root, reports = two_ranks
+    single = finetune_job(loram_overrides(corpus, data_cache, tmp_path, "one", base_run, **VARIANTS["qloram"]))
+    _close_losses(losses(tmp_path / "one"), losses(root / "qloram"))
+    for result in (single, reports["qloram"]):
+        assert all(n.endswith((".lora_A", ".lora_B")) for n in result["trainable"])
+        assert result["with_state"] == sorted(result["trainable"])
         codes = [n for n in result["frozen"] if n.endswith("nf4_codes")]
         assert len(codes) == 2 * 7 and all(result["frozen"][n].dtype.name == "uint8" for n in codes)
         for name in codes:
@@ -116,27 +122,25 @@ def test_qloram_two_ranks_match_one_rank(corpus, data_cache, tmp_path, base_run)
 @pytest.mark.slow
 def test_zero_pruning_trains_exactly_as_lora_and_resume_is_exact(corpus, data_cache, tmp_path, base_run):
     zero = {"finetune__loram__prune_ratio": 0.0, "finetune__lora__target_modules": ["wq", "wv"]}
-    loram_job(loram_overrides(corpus, data_cache, tmp_path, "loram0", base_run, **zero))
-    loram_job(loram_overrides(corpus, data_cache, tmp_path, "lora", base_run, finetune__method="lora", **zero))
+    finetune_job(loram_overrides(corpus, data_cache, tmp_path, "loram0", base_run, **zero))
+    finetune_job(loram_overrides(corpus, data_cache, tmp_path, "lora", base_run, finetune__method="lora", **zero))
     assert losses(tmp_path / "loram0") == losses(tmp_path / "lora")
 
     common = {"checkpoint__every_steps": 3, "training__steps": 6, "schedule__name": "constant"}
-    loram_job(loram_overrides(corpus, data_cache, tmp_path, "reference", base_run, **common))
-    loram_job(loram_overrides(corpus, data_cache, tmp_path, "resumed", base_run, **{**common, "training__steps": 3}))
-    loram_job(loram_overrides(corpus, data_cache, tmp_path, "resumed", base_run, **common))
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "reference")
+    finetune_job(loram_overrides(corpus, data_cache, tmp_path, "reference", base_run, **common))
+    branch(tmp_path / "reference", tmp_path / "resumed", 3)  # as if "resumed" had stopped after step 3
+    finetune_job(loram_overrides(corpus, data_cache, tmp_path, "resumed", base_run, **common))
+    assert losses(tmp_path / "resumed") == losses_after(tmp_path / "reference", 3)
 
 
 @pytest.mark.slow
-def test_alignment_trains_the_pruned_model_identically_on_every_rank(corpus, data_cache, tmp_path, base_run):
-    extra = {"finetune__loram__alignment_steps": 3, "finetune__loram__alignment_lr": 1e-3}
-    single = loram_job(loram_overrides(corpus, data_cache, tmp_path, "one", base_run, **extra))
-    sharded = run_on_ranks(loram_job, 2, loram_overrides(corpus, data_cache, tmp_path, "two", base_run, **extra))[0]
-    _close_losses(losses(tmp_path / "one"), losses(tmp_path / "two"))
+def test_alignment_trains_the_pruned_model_identically_on_every_rank(corpus, data_cache, tmp_path, base_run, two_ranks):
+    root, reports = two_ranks
+    single = finetune_job(loram_overrides(corpus, data_cache, tmp_path, "one", base_run, **VARIANTS["alignment"]))
+    sharded = reports["alignment"]
+    _close_losses(losses(tmp_path / "one"), losses(root / "alignment"))
 
-    base, _, _ = load_model_from_run(base_run)
-    pruned = copy.deepcopy(base)
-    prune_model(pruned, LoramConfig(prune_ratio=0.5, keep_first_layers=0, keep_last_layers=0))
+    pruned = _pruned_base(base_run)
     for name, value in single["frozen"].items():
         aligned, reference = torch.from_numpy(value), pruned.get_parameter(name).detach()
         torch.testing.assert_close(torch.from_numpy(sharded["frozen"][name]), aligned, rtol=1e-5, atol=1e-6)

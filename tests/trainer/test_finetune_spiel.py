@@ -10,7 +10,14 @@ import torch
 
 from models.peft.sparse_delta import DELTA_FILE, add_sparse_deltas, load_sparse_deltas
 from tests.distributed import run_on_ranks
-from tests.trainer.jobs import losses, tiny_overrides, train_job
+from tests.trainer.finetune_jobs import (
+    branch,
+    finetune_job,
+    finetune_jobs,
+    losses_after,
+    pretrained_base,
+)
+from tests.trainer.jobs import losses, tiny_overrides
 from trainer.export_hf import load_model_from_run
 
 SPIEL = {
@@ -32,38 +39,20 @@ LT_SFT = {
 @pytest.fixture(scope="module")
 def base_run(corpus, data_cache, tmp_path_factory):
     """A few steps of pretraining: the checkpoint the fine-tuning tests start from."""
-    root = tmp_path_factory.mktemp("base")
-    train_job(tiny_overrides(corpus, data_cache, root, "base", training__steps=4))
-    return root / "base"
+    return pretrained_base(corpus, data_cache, tmp_path_factory)
 
 
 def _overrides(corpus, data_cache, root, name, base, method, **extra):
     return tiny_overrides(corpus, data_cache, root, name, finetune__init_from=str(base), **{**method, **extra})
 
 
-def finetune_job(overrides: list[str]) -> dict:
-    """Train in this process (a rank under the harness); report what trained and the final weights."""
-    from trainer.config import JobConfig
-    from trainer.distributed import init_distributed, world_size_from_env
-    from trainer.train import Trainer
-
-    torch.set_num_threads(1)
-    cfg = JobConfig.load(None, overrides, world_size=world_size_from_env())
-    trainer = Trainer(cfg, init_distributed(cfg.parallel))
-    trainer.fit()
-    params = dict(trainer.model.named_parameters())
-    full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
-    merged = {}
-    if not any(hasattr(p, "full_tensor") for p in params.values()):
-        for name, module in trainer.model.named_modules():
-            if hasattr(module, "unload_peft"):
-                merged[name.replace("_checkpoint_wrapped_module.", "") + ".weight"] = module.unload_peft().weight.detach().numpy()
-    return {
-        "state_numel": {n: int(trainer.optimizer.state[p]["exp_avg"].numel()) for n, p in params.items() if p in trainer.optimizer.state},
-        "trainable": {n: p.numel() for n, p in params.items() if p.requires_grad},
-        "frozen": {n: full(p).numpy() for n, p in params.items() if not p.requires_grad},
-        "merged": merged,
-    }
+@pytest.fixture(scope="module")
+def two_ranks(corpus, data_cache, tmp_path_factory, base_run):
+    """SpIEL and LT-SFT trained on 2 gloo ranks, in one launch: (runs root, method -> rank 0's report)."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    methods = {"spiel": SPIEL, "lt_sft": LT_SFT}
+    jobs = [_overrides(corpus, data_cache, root, name, base_run, method) for name, method in methods.items()]
+    return root, dict(zip(methods, run_on_ranks(finetune_jobs, 2, jobs)[0]))
 
 
 def _check_against_base(results, base_run, run_dirs):
@@ -93,14 +82,15 @@ def _check_losses(one_dir, two_dir, steps=10):
 
 
 @pytest.mark.slow
-def test_spiel_two_ranks_match_one_rank(corpus, data_cache, tmp_path, base_run):
-    single = finetune_job(_overrides(corpus, data_cache, tmp_path, "one", base_run, SPIEL))
-    sharded = run_on_ranks(finetune_job, 2, _overrides(corpus, data_cache, tmp_path, "two", base_run, SPIEL))[0]
-    _check_losses(tmp_path / "one", tmp_path / "two")
+def test_spiel_two_ranks_match_one_rank(corpus, data_cache, tmp_path, base_run, two_ranks):
+    root, reports = two_ranks
+    single = finetune_job(_overrides(corpus, data_cache, tmp_path, "one", base_run, SPIEL), merged=True)
+    sharded = reports["spiel"]
+    _check_losses(tmp_path / "one", root / "spiel")
     for result in (single, sharded):
         assert result["trainable"] and all(n.endswith(".delta_values") for n in result["trainable"])
         assert result["state_numel"] == result["trainable"]  # optimizer state only for the k active entries
-    deltas = _check_against_base([single, sharded], base_run, [tmp_path / "one", tmp_path / "two"])
+    deltas = _check_against_base([single, sharded], base_run, [tmp_path / "one", root / "spiel"])
     k_total = sum(single["trainable"].values())
     assert sum(v.numel() for _, v, _ in deltas.values()) == k_total
     assert all(indices.unique().numel() == indices.numel() for indices, _, _ in deltas.values())
@@ -111,22 +101,23 @@ def test_spiel_resume_inside_a_selection_window_is_exact(corpus, data_cache, tmp
     common = {"checkpoint__every_steps": 5, "training__steps": 10, "schedule__name": "constant"}
     finetune_job(_overrides(corpus, data_cache, tmp_path, "reference", base_run, SPIEL, **common))
     # Step 5 lies inside the capture window of updates 4..6 (selection after update 6).
-    finetune_job(_overrides(corpus, data_cache, tmp_path, "resumed", base_run, SPIEL, **{**common, "training__steps": 5}))
+    branch(tmp_path / "reference", tmp_path / "resumed", 5)  # as if "resumed" had stopped after step 5
     finetune_job(_overrides(corpus, data_cache, tmp_path, "resumed", base_run, SPIEL, **common))
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "reference")
+    assert losses(tmp_path / "resumed") == losses_after(tmp_path / "reference", 5)
     reference, resumed = (load_sparse_deltas(tmp_path / d / DELTA_FILE) for d in ("reference", "resumed"))
     for name, (indices, values, _) in reference.items():
         assert torch.equal(resumed[name][0], indices) and torch.equal(resumed[name][1], values), name
 
 
 @pytest.mark.slow
-def test_lt_sft_two_ranks_match_one_rank(corpus, data_cache, tmp_path, base_run):
-    single = finetune_job(_overrides(corpus, data_cache, tmp_path, "one", base_run, LT_SFT))
-    sharded = run_on_ranks(finetune_job, 2, _overrides(corpus, data_cache, tmp_path, "two", base_run, LT_SFT))[0]
-    _check_losses(tmp_path / "one", tmp_path / "two")
+def test_lt_sft_two_ranks_match_one_rank(corpus, data_cache, tmp_path, base_run, two_ranks):
+    root, reports = two_ranks
+    single = finetune_job(_overrides(corpus, data_cache, tmp_path, "one", base_run, LT_SFT), merged=True)
+    sharded = reports["lt_sft"]
+    _check_losses(tmp_path / "one", root / "lt_sft")
     for result in (single, sharded):
         assert result["trainable"] and all(n.endswith(".delta") for n in result["trainable"])
-    deltas = _check_against_base([single, sharded], base_run, [tmp_path / "one", tmp_path / "two"])
+    deltas = _check_against_base([single, sharded], base_run, [tmp_path / "one", root / "lt_sft"])
     total = sum(p.numel() for p in load_model_from_run(base_run)[0].parameters())
     assert sum(v.numel() for _, v, _ in deltas.values()) == int(total * 0.01)
 
@@ -136,9 +127,9 @@ def test_lt_sft_resume_after_the_rewind_is_exact(corpus, data_cache, tmp_path, b
     common = {"checkpoint__every_steps": 5, "training__steps": 10, "schedule__name": "constant"}
     finetune_job(_overrides(corpus, data_cache, tmp_path, "reference", base_run, LT_SFT, **common))
     # The checkpoint at step 5 is one step into the sparse phase: the mask must come back with it.
-    finetune_job(_overrides(corpus, data_cache, tmp_path, "resumed", base_run, LT_SFT, **{**common, "training__steps": 5}))
+    branch(tmp_path / "reference", tmp_path / "resumed", 5)  # as if "resumed" had stopped after step 5
     finetune_job(_overrides(corpus, data_cache, tmp_path, "resumed", base_run, LT_SFT, **common))
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "reference")
+    assert losses(tmp_path / "resumed") == losses_after(tmp_path / "reference", 5)
     reference, resumed = (load_sparse_deltas(tmp_path / d / DELTA_FILE) for d in ("reference", "resumed"))
     for name, (indices, values, _) in reference.items():
         assert torch.equal(resumed[name][0], indices) and torch.equal(resumed[name][1], values), name
