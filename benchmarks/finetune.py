@@ -287,6 +287,8 @@ def main() -> int:
     if args.one:
         print(json.dumps(run_one(args.one, args, Path(args.out))))
         return 0
+    from memory_probe import measure_in_subprocess
+
     methods = ["lora", *[m for m in args.methods if m != "lora"]]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -297,11 +299,7 @@ def main() -> int:
             print(f"benchmark: fine-tuning with {method} for {args.steps} steps ...", flush=True)
             cmd = [sys.executable, __file__, "--one", method, "--out", str(out)]
             cmd += ["--flavor", args.flavor, "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-                return done.returncode
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append(measure_in_subprocess(cmd, cwd=ROOT))
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -56,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from memory_probe import peak_rss_bytes, reset_peak_rss, rss_bytes, tracked_step  # noqa: E402
+from memory_probe import measure_in_subprocess, peak_rss_bytes, reset_peak_rss, rss_bytes, tracked_step  # noqa: E402
 
 MODEL = {
     "model.flavor": "small",
@@ -293,11 +292,7 @@ def main() -> int:
                 str(args.micro_batch),
                 *(["--activation-checkpointing"] if args.activation_checkpointing else []),
             ]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-                return done.returncode
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append(measure_in_subprocess(cmd, cwd=ROOT))
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

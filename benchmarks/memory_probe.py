@@ -7,14 +7,17 @@ storage alive at once.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["LiveTensorPeak", "peak_rss_bytes", "reset_peak_rss", "rss_bytes", "tracked_step"]
+__all__ = ["LiveTensorPeak", "measure_in_subprocess", "peak_rss_bytes", "reset_peak_rss", "rss_bytes", "tracked_step"]
 
 
 def rss_bytes() -> int:
@@ -84,3 +87,15 @@ def tracked_step(trainer) -> int:
     with LiveTensorPeak(existing) as tracker:
         trainer.train_step(trainer.loader.next_batch())
     return tracker.peak
+
+
+def measure_in_subprocess(cmd: list[str], cwd) -> dict:
+    """Run one measurement in a fresh process (its own peak RSS) and return the JSON row it prints last.
+
+    On failure, print the end of its output and exit with its code.
+    """
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    if done.returncode:
+        print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(done.returncode)
+    return json.loads(done.stdout.strip().splitlines()[-1])
